@@ -1,0 +1,71 @@
+"""One dataclass holding every tunable of the model and the search.
+
+It is saved inside checkpoints and index manifests so that a stored index can tell
+whether it was built with the model a search is about to use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RetrievalConfig:
+    # --- images -------------------------------------------------------------
+    max_side: int = 640            # gallery images and query source images: long side resized to this
+    min_side: int = 8              # images (or crops) smaller than this on a side are rejected
+    max_pixels: int = 80_000_000   # refuse decompression bombs before decoding
+
+    # --- backbone + FPN -----------------------------------------------------
+    backbone: str = "efficientnet-lite0"   # or "resnet50" (needs ImageNet weights in the torch cache)
+    fpn_channels: int = 64         # C: channels of P3/P4/P5 and of the φ/ψ outputs
+    levels: tuple[str, ...] = ("p3", "p4", "p5")
+
+    # --- correlation + fusion (eq. 3, 4) --------------------------------------
+    query_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # query patch resized by these before matching
+    min_query_side: int = 16       # px: a scaled query smaller than this on a side is not tried
+    max_template_cells: int = 24   # a template wider than this many cells at a level is skipped there
+    gamma: float = 10.0            # initial LSE temperature of eq. 4 (learned)
+    eps: float = 1e-6
+
+    # --- regions (eq. 5) ----------------------------------------------------
+    top_k: int = 5                 # K peaks of the fused heatmap turned into boxes
+    nms_iou: float = 0.3           # boxes overlapping more than this are suppressed
+    roi_size: int = 3              # ROIAlign output cells per side before GeM
+    gem_p: float = 3.0             # initial GeM exponent (learned)
+    region_beta: float = 10.0      # temperature of the LSE over regions in eq. 5
+    mlp_hidden: int = 256          # hidden width of the descriptor MLP (residual, starts as identity)
+    score_weight_peak: float = 0.5 # final fine score = w·peak of H + (1-w)·eq. 5; 0 gives eq. 5 alone
+
+    # --- coarse stage -------------------------------------------------------
+    coarse_grid_levels: tuple[int, ...] = (1, 2, 3)   # R-MAC style grids pooled per image for FAISS
+    rerank: int = 100              # images passed from the coarse to the fine stage
+    exact_index_max: int = 20_000  # below this many vectors FAISS IndexFlatIP, above it HNSW
+
+    # --- bookkeeping --------------------------------------------------------
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> "RetrievalConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RetrievalConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key not in known:
+                continue  # written by a newer version: ignore rather than refuse to load
+            if isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def model_fingerprint(self) -> str:
+        """The fields that change what the network computes (not search-time knobs)."""
+        keys = ("max_side", "backbone", "fpn_channels", "levels", "coarse_grid_levels", "roi_size")
+        return json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)

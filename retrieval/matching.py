@@ -1,0 +1,201 @@
+"""The fine stage: a query encoded at several scales matched against gallery maps.
+
+query patch ─► templates φ(Z^l) per scale ─┐
+gallery ψ(X^l) maps ───────────────────────┴► eq. 3 per level ─► P3 grid ─► eq. 4 per scale
+  ─► best scale per cell ─► peaks ─► boxes ─► ROIAlign ─► r_k ─► eq. 5 ─► image score
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .config import RetrievalConfig
+from .correlation import cosine_cross_correlation, window_offset
+from .fusion import lse_fusion, resample_heatmap
+from .images import to_tensor
+from .model import LEVEL_STRIDES, RetrievalModel
+from .regions import find_peaks, peak_boxes, pool_regions, region_score, suppress_overlaps
+
+FINE_STRIDE = LEVEL_STRIDES["p3"]  # every heatmap is fused on the P3 grid
+
+
+@dataclass
+class QueryEncoding:
+    """A query patch ready for matching."""
+
+    patch_size: tuple[int, int]                     # (width, height) px of the patch at scale 1
+    scales: list[float]                             # query scales actually used
+    sizes: list[tuple[int, int]]                    # (width, height) px of the patch at each scale
+    templates: list[dict[str, torch.Tensor]]        # per scale: level → (C, h_l, w_l)
+    descriptor: torch.Tensor                        # (C,) z = L2(MLP(GeM(φ(Z^{p3}))))
+
+
+def usable_scales(width: int, height: int, config: RetrievalConfig) -> list[float]:
+    """Query scales whose patch is neither below ``min_query_side`` nor too big for the coarsest level.
+
+    Falls back to the single nearest admissible scale so that any patch of at least a
+    few pixels can be searched.
+    """
+    coarsest = max(LEVEL_STRIDES[l] for l in config.levels)
+    s_max = config.max_template_cells * coarsest / max(width, height)
+    s_min = config.min_query_side / min(width, height)
+    chosen = [s for s in config.query_scales if s_min <= s <= s_max]
+    if chosen:
+        return chosen
+    return [min(max(1.0, s_min), s_max)]
+
+
+@torch.no_grad()
+def encode_query(model: RetrievalModel, patch: Image.Image, config: RetrievalConfig | None = None,
+                 device: torch.device | str = "cpu") -> QueryEncoding:
+    """Encode an RGB patch at every usable scale (``config.query_scales``)."""
+    cfg = config or model.config
+    width, height = patch.size
+    scales = usable_scales(width, height, cfg)
+    sizes, templates = [], []
+    for s in scales:
+        size = (max(1, round(width * s)), max(1, round(height * s)))
+        resized = patch if size == patch.size else patch.resize(size, Image.BICUBIC)
+        maps = model.encode_query(to_tensor(resized).unsqueeze(0).to(device))
+        sizes.append(size)
+        templates.append({l: m[0] for l, m in maps.items()})
+    ref = min(range(len(scales)), key=lambda i: abs(math.log(scales[i])))
+    descriptor = model.describe(templates[ref]["p3"].unsqueeze(0))[0]
+    return QueryEncoding((width, height), scales, sizes, templates, descriptor)
+
+
+def stack_maps(maps: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Zero-pad per-image maps ``{level: (C, H_l, W_l)}`` to a batch ``{level: (B, C, H_max, W_max)}``.
+
+    Zero cells correlate to 0 and are excluded from peaks, so padding does not change
+    any image's result inside its own extent.
+    """
+    out = {}
+    for level in maps[0]:
+        h = max(m[level].shape[-2] for m in maps)
+        w = max(m[level].shape[-1] for m in maps)
+        batch = maps[0][level].new_zeros(len(maps), maps[0][level].shape[0], h, w)
+        for i, m in enumerate(maps):
+            batch[i, :, : m[level].shape[-2], : m[level].shape[-1]] = m[level]
+        out[level] = batch
+    return out
+
+
+@dataclass
+class MatchBatch:
+    """Fine-stage output for B gallery images (all tensors on the CPU).
+
+    ``fused``/``per_level`` live on the P3 grid (cell i centred at pixel 8·(i + 0.5)).
+    """
+
+    score: torch.Tensor          # (B,) final fine score
+    peak_score: torch.Tensor     # (B,) max of the fused heatmap
+    region_score: torch.Tensor   # (B,) eq. 5
+    fused: torch.Tensor          # (B, 1, H3, W3) fused heatmap, best scale per cell
+    per_level: torch.Tensor      # (B, L, H3, W3) per-level heatmaps at each image's best scale
+    boxes: torch.Tensor          # (B, K, 4) pixel boxes, best first
+    box_scores: torch.Tensor     # (B, K) (-inf where fewer than K boxes)
+    best_scale: torch.Tensor     # (B,) query scale of the top box
+    level_names: tuple[str, ...] = field(default=("p3", "p4", "p5"))
+
+
+def _parabola_vertex(values: torch.Tensor, xs: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Sub-step refinement of an argmax on a 1-D grid by a 3-point parabola.
+
+    Args:
+        values: ``(N, S)`` samples; xs: ``(S,)`` their abscissae (increasing); best: ``(N,)`` argmax.
+
+    Returns:
+        ``(N,)`` refined abscissae, clamped to the neighbouring samples; ends stay put.
+    """
+    s = values.shape[1]
+    x_best = xs[best]
+    if s < 3:
+        return x_best
+    inner = (best > 0) & (best < s - 1)
+    i0, i2 = (best - 1).clamp(0, s - 1), (best + 1).clamp(0, s - 1)
+    x0, x1, x2 = xs[i0], x_best, xs[i2]
+    y0 = values.gather(1, i0[:, None])[:, 0]
+    y1 = values.gather(1, best[:, None])[:, 0]
+    y2 = values.gather(1, i2[:, None])[:, 0]
+    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+    b = (x2 ** 2 * (y0 - y1) + x1 ** 2 * (y2 - y0) + x0 ** 2 * (y1 - y2)) / denom
+    vertex = torch.where(a < 0, -b / (2 * a), x1)
+    vertex = torch.minimum(torch.maximum(vertex, (x0 + x1) / 2), (x1 + x2) / 2)
+    return torch.where(inner & torch.isfinite(vertex), vertex, x_best)
+
+
+def match_query(model: RetrievalModel, query: QueryEncoding, gallery: dict[str, torch.Tensor],
+                image_sizes: torch.Tensor, config: RetrievalConfig | None = None,
+                gamma: float | None = None) -> MatchBatch:
+    """Eq. 3–5 of one query against a batch of gallery images.
+
+    Args:
+        gallery: ``{level: (B, C, H_l, W_l)}`` ψ maps (zero-padded to a common size).
+        image_sizes: ``(B, 2)`` (height, width) in pixels of each gallery image.
+        gamma: overrides the model's learned γ of eq. 4 (a search-time control).
+
+    Gradients flow to φ, ψ, α, γ, the MLP and GeM p (peak positions are chosen without).
+    """
+    cfg = config or model.config
+    levels = model.levels
+    p3 = gallery["p3"]
+    b, _, h3, w3 = p3.shape
+    device = p3.device
+    dtype = p3.dtype
+    gamma_t = model.gamma if gamma is None else torch.tensor(float(gamma), device=device)
+    fused_scales, level_scales = [], []
+    for templates in query.templates:
+        maps, usable = [], []
+        for level in levels:
+            t = templates[level].to(dtype)
+            th, tw = t.shape[-2:]
+            ok = max(th, tw) <= cfg.max_template_cells
+            usable.append(ok)
+            if not ok:
+                maps.append(p3.new_zeros(b, 1, h3, w3))
+                continue
+            heat = cosine_cross_correlation(gallery[level], t, padding="same", eps=cfg.eps)
+            maps.append(resample_heatmap(heat, LEVEL_STRIDES[level], (h3, w3), FINE_STRIDE,
+                                         (window_offset(th), window_offset(tw))))
+        per_level = torch.cat(maps, dim=1)
+        mask = torch.tensor(usable, device=device)
+        fused_scales.append(lse_fusion(per_level, model.alpha, gamma_t, mask))
+        level_scales.append(per_level)
+    fused_all = torch.cat(fused_scales, dim=1)                       # (B, S, H3, W3)
+    cell_h = torch.ceil(image_sizes[:, 0].to(device) / FINE_STRIDE).long()
+    cell_w = torch.ceil(image_sizes[:, 1].to(device) / FINE_STRIDE).long()
+    rows = torch.arange(h3, device=device).view(1, 1, -1, 1)
+    cols = torch.arange(w3, device=device).view(1, 1, 1, -1)
+    valid = (rows < cell_h.view(-1, 1, 1, 1)) & (cols < cell_w.view(-1, 1, 1, 1))
+    fused_all = fused_all.masked_fill(~valid, -1.0)
+    fused, scale_idx = fused_all.max(dim=1, keepdim=True)             # (B, 1, H3, W3)
+
+    k = cfg.top_k
+    with torch.no_grad():
+        peak_vals, ys, xs = find_peaks(fused.detach(), 4 * k, valid=valid)
+        at_peak = scale_idx[:, 0].flatten(1).gather(1, ys * w3 + xs)  # (B, 4k) scale index
+        log_scales = torch.tensor([math.log(s) for s in query.scales], device=device, dtype=dtype)
+        per_scale = fused_all.detach().flatten(2)                      # (B, S, H3·W3)
+        flat = (ys * w3 + xs).unsqueeze(1).expand(-1, per_scale.shape[1], -1)
+        at_peak_values = per_scale.gather(2, flat).permute(0, 2, 1).reshape(-1, len(query.scales))
+        refined = _parabola_vertex(at_peak_values, log_scales, at_peak.reshape(-1)).view(b, -1).exp()
+        sizes = torch.tensor(query.patch_size, device=device, dtype=dtype)
+        boxes = peak_boxes(ys, xs, FINE_STRIDE, sizes[0] * refined, sizes[1] * refined, image_sizes.to(device))
+        boxes, box_scores, box_valid = suppress_overlaps(boxes, peak_vals, cfg.nms_iou, k)
+        best_scale_idx = at_peak[:, 0]
+    regions = model.head.embed(pool_regions(p3, boxes, FINE_STRIDE, cfg.roi_size, model.head.gem_p))
+    regional = region_score(query.descriptor.to(dtype), regions, box_valid, cfg.region_beta)
+    peak = fused.flatten(1).amax(dim=1)
+    w = cfg.score_weight_peak
+    score = w * peak + (1.0 - w) * regional
+    chosen = best_scale_idx.view(-1, 1, 1, 1, 1).expand(-1, 1, len(levels), h3, w3)
+    per_level = torch.stack(level_scales, dim=1).gather(1, chosen)[:, 0]
+    scales_t = torch.tensor(query.scales, device=device)
+    return MatchBatch(score=score, peak_score=peak, region_score=regional, fused=fused, per_level=per_level,
+                      boxes=boxes, box_scores=box_scores, best_scale=scales_t[best_scale_idx],
+                      level_names=tuple(levels))

@@ -1,0 +1,54 @@
+"""Eq. 3: the fast correlation against a naive loop."""
+import pytest
+import torch
+
+from retrieval.correlation import (cosine_cross_correlation, cosine_cross_correlation_naive,
+                                   same_padding)
+
+
+@pytest.mark.parametrize("map_size,tpl_size", [((9, 13), (1, 1)), ((7, 5), (3, 2)), ((6, 11), (4, 4)),
+                                               ((5, 5), (5, 5)), ((12, 4), (2, 3))])
+def test_valid_matches_naive_loop(map_size, tpl_size):
+    torch.manual_seed(0)
+    feats = torch.randn(2, 6, *map_size)
+    tpl = torch.randn(6, *tpl_size)
+    fast = cosine_cross_correlation(feats, tpl, padding="valid")
+    slow = cosine_cross_correlation_naive(feats, tpl)
+    assert fast.shape == slow.shape
+    assert (fast - slow).abs().max() <= 1e-4
+
+
+def test_same_padding_is_valid_on_zero_padded_map():
+    torch.manual_seed(1)
+    feats = torch.randn(3, 4, 8, 10)
+    tpl = torch.randn(4, 2, 3)
+    same = cosine_cross_correlation(feats, tpl, padding="same")
+    assert same.shape == (3, 1, 8, 10)
+    padded = torch.nn.functional.pad(feats, same_padding(2, 3))
+    assert torch.allclose(same, cosine_cross_correlation_naive(padded, tpl), atol=1e-4)
+
+
+def test_batched_templates_equal_one_by_one():
+    torch.manual_seed(2)
+    feats = torch.randn(2, 5, 6, 7)
+    tpls = torch.randn(3, 5, 2, 2)
+    both = cosine_cross_correlation(feats, tpls)
+    for t in range(3):
+        assert torch.allclose(both[:, t:t + 1], cosine_cross_correlation(feats, tpls[t]), atol=1e-6)
+
+
+def test_exact_copy_scores_one_and_template_larger_than_map():
+    feats = torch.rand(1, 8, 10, 10)
+    tpl = feats[0, :, 3:6, 4:8].clone()
+    heat = cosine_cross_correlation(feats, tpl, padding="valid")
+    assert heat[0, 0, 3, 4] == pytest.approx(1.0, abs=1e-5)
+    assert heat.max() <= 1.0 + 1e-5
+    big = torch.rand(8, 14, 3)
+    assert cosine_cross_correlation(feats, big, padding="valid").numel() == 0
+    same = cosine_cross_correlation(feats, big, padding="same")
+    assert same.shape == (1, 1, 10, 10) and torch.isfinite(same).all()
+
+
+def test_zero_map_gives_zero_not_nan():
+    out = cosine_cross_correlation(torch.zeros(1, 3, 5, 5), torch.rand(3, 2, 2))
+    assert torch.isfinite(out).all() and out.abs().max() == 0
