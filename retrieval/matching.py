@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .config import RetrievalConfig
-from .correlation import cosine_cross_correlation, window_offset
+from .correlation import cosine_cross_correlation_many, window_offset
 from .fusion import lse_fusion, resample_heatmap
 from .images import to_tensor
 from .model import LEVEL_STRIDES, RetrievalModel
@@ -148,21 +148,23 @@ def match_query(model: RetrievalModel, query: QueryEncoding, gallery: dict[str, 
     device = p3.device
     dtype = p3.dtype
     gamma_t = model.gamma if gamma is None else torch.tensor(float(gamma), device=device)
+    n_scales = len(query.templates)
+    # per scale, per level: (B, 1, H3, W3) on the P3 grid, or None when the template is too large
+    grids: list[list[torch.Tensor | None]] = [[None] * len(levels) for _ in range(n_scales)]
+    for li, level in enumerate(levels):
+        todo = [s for s in range(n_scales)
+                if max(query.templates[s][level].shape[-2:]) <= cfg.max_template_cells]
+        if not todo:
+            continue
+        templates = [query.templates[s][level].to(dtype) for s in todo]
+        heats = cosine_cross_correlation_many(gallery[level], templates, padding="same", eps=cfg.eps)
+        for s, t, heat in zip(todo, templates, heats):
+            grids[s][li] = resample_heatmap(heat, LEVEL_STRIDES[level], (h3, w3), FINE_STRIDE,
+                                            (window_offset(t.shape[-2]), window_offset(t.shape[-1])))
     fused_scales, level_scales = [], []
-    for templates in query.templates:
-        maps, usable = [], []
-        for level in levels:
-            t = templates[level].to(dtype)
-            th, tw = t.shape[-2:]
-            ok = max(th, tw) <= cfg.max_template_cells
-            usable.append(ok)
-            if not ok:
-                maps.append(p3.new_zeros(b, 1, h3, w3))
-                continue
-            heat = cosine_cross_correlation(gallery[level], t, padding="same", eps=cfg.eps)
-            maps.append(resample_heatmap(heat, LEVEL_STRIDES[level], (h3, w3), FINE_STRIDE,
-                                         (window_offset(th), window_offset(tw))))
-        per_level = torch.cat(maps, dim=1)
+    for s in range(n_scales):
+        usable = [g is not None for g in grids[s]]
+        per_level = torch.cat([g if g is not None else p3.new_zeros(b, 1, h3, w3) for g in grids[s]], dim=1)
         mask = torch.tensor(usable, device=device)
         fused_scales.append(lse_fusion(per_level, model.alpha, gamma_t, mask))
         level_scales.append(per_level)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from retrieval.correlation import (cosine_cross_correlation, cosine_cross_correlation_naive,
+from retrieval.correlation import (cosine_cross_correlation, cosine_cross_correlation_many,
+                                   cosine_cross_correlation_naive,
                                    same_padding)
 
 
@@ -52,3 +53,17 @@ def test_exact_copy_scores_one_and_template_larger_than_map():
 def test_zero_map_gives_zero_not_nan():
     out = cosine_cross_correlation(torch.zeros(1, 3, 5, 5), torch.rand(3, 2, 2))
     assert torch.isfinite(out).all() and out.abs().max() == 0
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_fft_path_matches_direct_and_naive(padding):
+    torch.manual_seed(3)
+    feats = torch.randn(2, 16, 11, 17)
+    templates = [torch.randn(16, 1, 1), torch.randn(16, 3, 2), torch.randn(16, 6, 7), torch.randn(16, 4, 4)]
+    fast = cosine_cross_correlation_many(feats, templates, padding=padding)
+    for t, out in zip(templates, fast):
+        direct = cosine_cross_correlation(feats, t, padding=padding)
+        assert out.shape == direct.shape
+        assert (out - direct).abs().max() <= 1e-4
+        if padding == "valid":
+            assert (out - cosine_cross_correlation_naive(feats, t)).abs().max() <= 1e-4

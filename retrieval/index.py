@@ -1,0 +1,341 @@
+"""A persistent gallery index: FAISS over region descriptors + a memory-mapped feature store.
+
+``gallery_index/<name>/`` holds
+
+    manifest.json          format, model hash, config, images (path, sizes, content hash,
+                           where their features live), skipped files, counts, FAISS type
+    chunks/<id>.f16        ψ(P3/P4/P5) maps of a batch of images, fp16, memory-mapped
+    chunks/<id>.regions.npy  (R, C) float32 region descriptors of the same images
+    regions-<gen>.faiss    FAISS index over all region descriptors (rebuilt at each commit)
+    .lock                  held by the process that writes
+
+Writes never modify a file the current manifest points to: new chunks and a new
+FAISS file are written and fsynced first, then the manifest is replaced atomically
+(temp + fsync + rename), then files no manifest references are deleted. A process
+killed at any moment therefore leaves the last committed index loadable.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import faiss
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_bytes
+from .config import RetrievalConfig
+from .encoding import EncodedImage
+
+FORMAT = "patch-retrieval-index/1"
+MANIFEST = "manifest.json"
+
+
+class IndexLoadError(RuntimeError):
+    """An index that is missing, unreadable, or built with another model."""
+
+
+class ModelMismatch(IndexLoadError):
+    """The index was built with another model (checkpoint or model config)."""
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@dataclass
+class ImageRecord:
+    """One indexed image as the manifest stores it."""
+
+    path: str                       # as given to the index (absolute, or relative to the index root)
+    sha: str                        # content hash of the file
+    width: int                      # original pixels
+    height: int
+    stored_width: int               # after the gallery resize rule
+    stored_height: int
+    chunk: str                      # chunk id holding its maps and regions
+    offset: int                     # fp16 element offset of its maps in the chunk
+    shapes: dict                    # level → [C, H_l, W_l]
+    region_row: int                 # first row of its regions in the chunk's region file
+    region_count: int
+
+    @property
+    def scale(self) -> float:
+        return self.stored_width / self.width
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def choose_faiss_type(n_vectors: int, config: RetrievalConfig) -> str:
+    return "flat" if n_vectors <= config.exact_index_max else "hnsw"
+
+
+def build_faiss(vectors: np.ndarray, kind: str) -> faiss.Index:
+    """Inner-product FAISS index of ``(N, D)`` float32 unit vectors: ``flat`` (exact) or ``hnsw``."""
+    d = vectors.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = 256
+    else:
+        raise ValueError(f"unknown FAISS index type {kind!r}")
+    if len(vectors):
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+class GalleryIndex:
+    """Open with :meth:`open` (read) or :meth:`create_or_open` (to write); see module doc."""
+
+    def __init__(self, root: Path, manifest: dict) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self.config = RetrievalConfig.from_dict(manifest["config"])
+        self.images = [ImageRecord(**rec) for rec in manifest["images"]]
+        self._chunks: dict[str, np.memmap] = {}
+        self._faiss: faiss.Index | None = None
+        self._region_image: np.ndarray | None = None
+
+    # ---- opening ------------------------------------------------------------
+    @classmethod
+    def exists(cls, root: str | os.PathLike) -> bool:
+        return (Path(root) / MANIFEST).is_file()
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, model_hash: str | None = None) -> "GalleryIndex":
+        """Open a committed index for searching; with ``model_hash``, refuse another model's index."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise IndexLoadError(f"no index at '{root}' (no {MANIFEST}); build one with "
+                              f"`python -m retrieval index GALLERY --index {root}`")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise IndexLoadError(f"the index manifest '{path}' is unreadable: {exc}") from exc
+        if manifest.get("format") != FORMAT:
+            raise IndexLoadError(f"'{path}' is not a {FORMAT} manifest")
+        index = cls(root, manifest)
+        if model_hash is not None and manifest["model_hash"] != model_hash:
+            raise ModelMismatch(
+                f"the index '{root}' was built with model {manifest['model_hash']}, but the current model is "
+                f"{model_hash}; rebuild it (`python -m retrieval index GALLERY --index {root} --rebuild`)")
+        return index
+
+    @classmethod
+    def empty(cls, root: str | os.PathLike, model_hash: str, config: RetrievalConfig) -> "GalleryIndex":
+        manifest = {"format": FORMAT, "model_hash": model_hash, "config": config.to_dict(),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "images": [], "skipped": [],
+                    "faiss_type": None, "faiss_file": None, "build_seconds": 0.0, "generation": 0}
+        return cls(Path(root), manifest)
+
+    # ---- reading ------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def model_hash(self) -> str:
+        return self.manifest["model_hash"]
+
+    def image_path(self, i: int) -> Path:
+        p = Path(self.images[i].path)
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+    def _chunk(self, chunk: str) -> np.memmap:
+        if chunk not in self._chunks:
+            self._chunks[chunk] = np.memmap(self.root / "chunks" / f"{chunk}.f16", dtype=np.float16, mode="r")
+        return self._chunks[chunk]
+
+    def maps(self, i: int) -> dict[str, torch.Tensor]:
+        """The stored ψ maps of image ``i``: ``{level: (C, H_l, W_l)}`` float32."""
+        rec = self.images[i]
+        data = self._chunk(rec.chunk)
+        out, offset = {}, rec.offset
+        for level, shape in rec.shapes.items():
+            n = int(np.prod(shape))
+            out[level] = torch.from_numpy(np.asarray(data[offset:offset + n], dtype=np.float32).reshape(shape))
+            offset += n
+        return out
+
+    def region_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """All region descriptors ``(N, C)`` and the image index of each ``(N,)``."""
+        vecs, owners = [], []
+        cache: dict[str, np.ndarray] = {}
+        for i, rec in enumerate(self.images):
+            if rec.chunk not in cache:
+                cache[rec.chunk] = np.load(self.root / "chunks" / f"{rec.chunk}.regions.npy", mmap_mode="r")
+            vecs.append(np.asarray(cache[rec.chunk][rec.region_row:rec.region_row + rec.region_count]))
+            owners.append(np.full(rec.region_count, i, dtype=np.int64))
+        d = self.config.fpn_channels
+        if not vecs:
+            return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+        return np.concatenate(vecs).astype(np.float32), np.concatenate(owners)
+
+    def faiss_index(self) -> tuple[faiss.Index, np.ndarray]:
+        """The FAISS index and the image index of each of its vectors (loaded once)."""
+        if self._faiss is None:
+            _, owners = self.region_vectors()
+            name = self.manifest.get("faiss_file")
+            if name and (self.root / name).is_file():
+                self._faiss = faiss.read_index(str(self.root / name))
+            else:
+                self._faiss = faiss.IndexFlatIP(self.config.fpn_channels)
+            self._region_image = owners
+        return self._faiss, self._region_image
+
+    def use_coarse_index(self, index: faiss.Index, owners: np.ndarray) -> None:
+        """Search with another FAISS index over ``owners``' vectors (benchmarks compare types)."""
+        self._faiss, self._region_image = index, owners
+
+    def coarse_search(self, descriptor: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images ranked by their best region's inner product with ``descriptor`` ``(D,)``.
+
+        Returns ``(image indices (n,), scores (n,))``, best first, n ≤ ``n_images``.
+        """
+        index, owners = self.faiss_index()
+        total = index.ntotal
+        if total == 0 or n_images <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        per_image = max(1, total // max(1, len(self.images)))
+        k = min(total, max(64, n_images * per_image))
+        query = np.ascontiguousarray(descriptor.reshape(1, -1), dtype=np.float32)
+        while True:
+            scores, ids = index.search(query, k)
+            valid = ids[0] >= 0
+            best: dict[int, float] = {}
+            for vid, s in zip(ids[0][valid], scores[0][valid]):
+                img = int(owners[vid])
+                if img not in best:
+                    best[img] = float(s)
+            if len(best) >= min(n_images, len(self.images)) or k >= total:
+                break
+            k = min(total, k * 4)
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])[:n_images]
+        return (np.array([r[0] for r in ranked], np.int64), np.array([r[1] for r in ranked], np.float32))
+
+    def storage_bytes(self) -> dict[str, int]:
+        """Bytes on disk: the feature store (maps), region vectors and the FAISS file."""
+        chunks = {rec.chunk for rec in self.images}
+        feats = sum((self.root / "chunks" / f"{c}.f16").stat().st_size for c in chunks)
+        regions = sum((self.root / "chunks" / f"{c}.regions.npy").stat().st_size for c in chunks)
+        name = self.manifest.get("faiss_file")
+        faiss_bytes = (self.root / name).stat().st_size if name and (self.root / name).is_file() else 0
+        return {"features": feats, "regions": regions, "faiss": faiss_bytes}
+
+    # ---- writing (call inside ``locked``) -----------------------------------------
+    @staticmethod
+    @contextmanager
+    def locked(root: str | os.PathLike, wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the index's write lock; another writer waits until this one is done."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".lock", "a+") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if wait is not None:
+                    wait()
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def write_chunk(self, items: list[tuple[str, str, int, int, EncodedImage]]) -> list[ImageRecord]:
+        """Store encoded images ``(path, sha, orig width, orig height, encoded)`` as a new chunk.
+
+        The chunk is invisible until :meth:`commit` writes a manifest that lists its records.
+        """
+        chunk = uuid.uuid4().hex[:16]
+        folder = self.root / "chunks"
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays, records, offset, row = [], [], 0, 0
+        regions = []
+        for path, sha, width, height, enc in items:
+            shapes = {l: list(m.shape) for l, m in enc.maps.items()}
+            flat = np.concatenate([m.numpy().astype(np.float16).ravel() for m in enc.maps.values()])
+            arrays.append(flat)
+            regions.append(enc.regions.numpy().astype(np.float32))
+            records.append(ImageRecord(path=path, sha=sha, width=width, height=height,
+                                       stored_width=enc.size[0], stored_height=enc.size[1], chunk=chunk,
+                                       offset=offset, shapes=shapes, region_row=row,
+                                       region_count=len(enc.regions)))
+            offset += flat.size
+            row += len(enc.regions)
+        _write_file(folder / f"{chunk}.f16", np.concatenate(arrays).tobytes())
+        buf = io.BytesIO()
+        np.save(buf, np.concatenate(regions))
+        _write_file(folder / f"{chunk}.regions.npy", buf.getvalue())
+        _fsync_dir(folder)
+        return records
+
+    def commit(self, images: list[ImageRecord], skipped: list[dict], build_seconds: float = 0.0) -> None:
+        """Make ``images`` the index's content: new FAISS file, then the manifest, then clean up."""
+        self.images = images
+        self._faiss, self._region_image, self._chunks = None, None, {}
+        vectors, _ = self.region_vectors()
+        kind = self.manifest.get("faiss_type_forced") or choose_faiss_type(len(vectors), self.config)
+        generation = int(self.manifest.get("generation", 0)) + 1
+        faiss_name = f"regions-{generation}-{uuid.uuid4().hex[:6]}.faiss"
+        index = build_faiss(vectors, kind)
+        _write_file(self.root / faiss_name, faiss.serialize_index(index).tobytes())
+        _fsync_dir(self.root)
+        counts = {"images": len(images), "regions": int(len(vectors)), "skipped": len(skipped)}
+        self.manifest.update({"images": [r.to_dict() for r in images], "skipped": skipped,
+                              "faiss_type": kind, "faiss_file": faiss_name, "generation": generation,
+                              "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": counts,
+                              "build_seconds": float(self.manifest.get("build_seconds", 0.0)) + build_seconds,
+                              "config": self.config.to_dict()})
+        atomic_write_bytes(self.root / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+        _fsync_dir(self.root)
+        self._faiss = index
+        self.collect_garbage()
+
+    def collect_garbage(self) -> None:
+        """Delete chunks and FAISS files the committed manifest does not reference."""
+        live = {rec.chunk for rec in self.images}
+        folder = self.root / "chunks"
+        if folder.is_dir():
+            for f in folder.iterdir():
+                if f.name.split(".")[0] not in live:
+                    f.unlink(missing_ok=True)
+        for f in self.root.glob("regions-*.faiss"):
+            if f.name != self.manifest.get("faiss_file"):
+                f.unlink(missing_ok=True)
+        for f in self.root.glob(".*.tmp"):
+            f.unlink(missing_ok=True)
+
+
+def remove_paths(records: Iterable[ImageRecord], paths: set[str]) -> list[ImageRecord]:
+    return [r for r in records if r.path not in paths]

@@ -1,0 +1,182 @@
+"""Gallery index + coarse-to-fine search: persistence, incremental updates, safety."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DEMO, ROOT
+from retrieval import build as build_module
+from retrieval.build import build_index, extract_zip, remove_images
+from retrieval.checkpoint import untrained_hash
+from retrieval.index import GalleryIndex, ModelMismatch
+from retrieval.search import SearchEngine
+
+GALLERY = sorted((DEMO / "gallery").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def model_hash(model):
+    return untrained_hash(model.config)
+
+
+@pytest.fixture()
+def small_gallery(tmp_path):
+    folder = tmp_path / "gallery"
+    (folder / "sub").mkdir(parents=True)
+    for i, src in enumerate(GALLERY[:6]):
+        shutil.copy(src, folder / ("sub" if i % 2 else "") / src.name)
+    return folder
+
+
+def _search(engine, top=5):
+    resp = engine.search(DEMO / "queries" / "cat_face.jpg", top=top)
+    return [(r.path.name, round(r.score, 5), [round(v, 2) for v in r.box]) for r in resp.results]
+
+
+def test_build_search_reopen_identical(model, model_hash, small_gallery, tmp_path):
+    root = tmp_path / "idx"
+    report = build_index(root, small_gallery, model, model_hash, show_bar=False)
+    assert report.encoded == 6 and report.total_images == 6
+    first = _search(SearchEngine(GalleryIndex.open(root), model))
+    again = _search(SearchEngine(GalleryIndex.open(root, model_hash=model_hash), model))
+    assert first == again and len(first) == 5
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["model_hash"] == model_hash and manifest["faiss_type"] == "flat"
+    assert {"path", "sha", "width", "height"} <= set(manifest["images"][0])
+    resp = SearchEngine(GalleryIndex.open(root), model).search(DEMO / "queries" / "cat_face.jpg", top=2)
+    r = resp.results[0]
+    assert r.heatmap().shape == (r.size[1], r.size[0])
+    assert set(r.level_heatmaps()) == {"p3", "p4", "p5"}
+    assert r.to_json().keys() == {"path", "score", "box"}
+
+
+def test_incremental_add_encodes_only_new_files(model, model_hash, small_gallery, tmp_path, monkeypatch):
+    root = tmp_path / "idx"
+    build_index(root, small_gallery, model, model_hash, show_bar=False)
+    calls = []
+    real = build_module.encode_gallery_images
+    monkeypatch.setattr(build_module, "encode_gallery_images",
+                        lambda m, imgs, **kw: calls.append(len(imgs)) or real(m, imgs, **kw))
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for src in GALLERY[6:9]:
+        shutil.copy(src, extra / src.name)
+    report = build_index(root, [extra], model, model_hash, add=True, show_bar=False)
+    assert sum(calls) == 3 and report.encoded == 3 and len(GalleryIndex.open(root)) == 9
+    calls.clear()
+    report = build_index(root, small_gallery, model, model_hash, add=True, show_bar=False)
+    assert sum(calls) == 0 and report.unchanged == 6
+    # a changed file is re-encoded, a vanished one removed when mirroring
+    changed = next(small_gallery.glob("*.jpg"))
+    shutil.copy(GALLERY[20], changed)
+    (small_gallery / "sub" / GALLERY[1].name).unlink()
+    report = build_index(root, small_gallery, model, model_hash, show_bar=False)
+    assert sum(calls) == 1 and report.removed == 4 and len(GalleryIndex.open(root)) == 5
+    assert remove_images(root, [changed]) == 1 and len(GalleryIndex.open(root)) == 4
+    live = {r.chunk for r in GalleryIndex.open(root).images}
+    assert {p.name.split(".")[0] for p in (root / "chunks").iterdir()} == live   # old chunks collected
+
+
+def test_model_change_is_detected(model, model_hash, small_gallery, tmp_path):
+    root = tmp_path / "idx"
+    build_index(root, small_gallery, model, model_hash, show_bar=False)
+    with pytest.raises(ModelMismatch, match="rebuild"):
+        build_index(root, small_gallery, model, "another-model", show_bar=False)
+    with pytest.raises(ModelMismatch):
+        GalleryIndex.open(root, model_hash="another-model")
+    build_index(root, small_gallery, model, "another-model", rebuild=True, show_bar=False)
+    assert GalleryIndex.open(root).model_hash == "another-model"
+
+
+def test_bad_files_are_skipped_and_listed(model, model_hash, small_gallery, tmp_path):
+    (small_gallery / "notes.jpg").write_text("not an image")
+    (small_gallery / "truncated.png").write_bytes(GALLERY[0].read_bytes()[:300])
+    from PIL import Image
+    Image.new("RGB", (3, 3)).save(small_gallery / "tiny.png")
+    (small_gallery / "empty.jpg").write_bytes(b"")
+    root = tmp_path / "idx"
+    report = build_index(root, small_gallery, model, model_hash, show_bar=False)
+    assert report.total_images == 6
+    skipped = {Path(s["path"]).name for s in GalleryIndex.open(root).manifest["skipped"]}
+    assert skipped == {"notes.jpg", "truncated.png", "tiny.png", "empty.jpg"}
+
+
+def test_empty_gallery_gives_empty_results(model, model_hash, tmp_path):
+    (tmp_path / "nothing").mkdir()
+    build_index(tmp_path / "idx", tmp_path / "nothing", model, model_hash, show_bar=False)
+    resp = SearchEngine(GalleryIndex.open(tmp_path / "idx"), model).search(DEMO / "queries" / "rocket.jpg")
+    assert resp.results == []
+
+
+def test_zip_slip_rejected(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../escape.jpg", GALLERY[0].read_bytes())
+        zf.writestr("/abs/escape2.jpg", GALLERY[0].read_bytes())
+        zf.writestr("ok/fine.jpg", GALLERY[0].read_bytes())
+    dest = tmp_path / "out" / "x"
+    files, skipped = extract_zip(archive, dest)
+    assert [f.name for f in files] == ["fine.jpg"]
+    assert len(skipped) == 2 and all("unsafe" in s["reason"] for s in skipped)
+    assert not (tmp_path / "out" / "escape.jpg").exists() and not Path("/abs/escape2.jpg").exists()
+
+
+def test_killed_build_leaves_previous_index_loadable(model, model_hash, small_gallery, tmp_path):
+    root = tmp_path / "idx"
+    build_index(root, small_gallery, model, model_hash, show_bar=False)
+    before = [r.path for r in GalleryIndex.open(root).images]
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(40):
+        shutil.copy(GALLERY[i % len(GALLERY)], big / f"{i:03d}.jpg")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "retrieval", "index", str(big), "--index", str(root),
+                             "--add", "--checkpoint", "none", "--batch-size", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    chunks = root / "chunks"
+    start_count = len(list(chunks.iterdir()))
+    while time.time() < deadline and proc.poll() is None and len(list(chunks.iterdir())) <= start_count:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    index = GalleryIndex.open(root)
+    assert [r.path for r in index.images] == before
+    assert all(index.maps(i)["p3"].shape[0] == model.config.fpn_channels for i in range(len(index)))
+    assert len(SearchEngine(index, model).search(DEMO / "queries" / "rocket.jpg", top=3).results) == 3
+    # the next build finishes the job and cleans up the orphaned files
+    build_index(root, [big], model, model_hash, add=True, show_bar=False)
+    assert len(GalleryIndex.open(root)) == 6 + 40
+
+
+def test_concurrent_builds_do_not_corrupt(small_gallery, tmp_path):
+    root = tmp_path / "idx"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "retrieval", "index", str(small_gallery), "--index", str(root),
+           "--checkpoint", "none"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    index = GalleryIndex.open(root)
+    assert len(index) == 6 and len({r.path for r in index.images}) == 6
+
+
+def test_tracking_dev_crop_finds_its_sequence(model, model_hash, tracking_dev, tmp_path):
+    manifest = json.loads((tracking_dev / "manifest.json").read_text())
+    sequences = ["David", "Dog1", "Jumping", "Car1"]
+    files = [tracking_dev / g["path"] for g in manifest["gallery"]
+             if g["id"].split("/")[0] in sequences and int(g["id"].split("/")[1]) % 3 == 0]
+    build_index(tmp_path / "idx", files, model, model_hash, show_bar=False)
+    engine = SearchEngine(GalleryIndex.open(tmp_path / "idx"), model)
+    for q in manifest["queries"]:
+        if q["object"] in sequences and q["id"].endswith("q50"):
+            resp = engine.search(tracking_dev / q["image"], box=q["box"], top=3)
+            assert resp.results[0].path.parent.name == q["object"], (q["id"], resp.results[0].path)
