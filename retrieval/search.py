@@ -18,9 +18,9 @@ from PIL import Image
 
 from .config import RetrievalConfig
 from .fusion import resample_heatmap
-from .images import ImageSource, prepare_query
+from .images import ImageSource, crop_box, prepare_query, prepare_query_source
 from .index import GalleryIndex, ModelMismatch
-from .matching import FINE_STRIDE, encode_query, match_query, stack_maps
+from .matching import FINE_STRIDE, encode_query, encode_query_in_context, match_query, stack_maps
 from .model import RetrievalModel
 
 
@@ -106,8 +106,13 @@ class SearchEngine:
             changes["top_k"] = int(top_k)
         cfg = replace(cfg, **changes) if changes else cfg
         rerank = cfg.rerank if rerank is None else int(rerank)
-        patch = prepare_query(query_image, box, cfg.max_side, min_side=cfg.min_side, max_pixels=cfg.max_pixels)
-        query = encode_query(self.model, patch, cfg, self.device)
+        if box is None:
+            patch = prepare_query(query_image, None, cfg.max_side, min_side=cfg.min_side, max_pixels=cfg.max_pixels)
+            query = encode_query(self.model, patch, cfg, self.device)
+        else:  # the box's surroundings are known: encode them too (see encode_query_in_context)
+            source, box_px = prepare_query_source(query_image, box, cfg.max_side, cfg.min_side, cfg.max_pixels)
+            patch = crop_box(source, box_px, min_side=cfg.min_side)
+            query = encode_query_in_context(self.model, source, box_px, cfg, self.device)
         z = query.descriptor.float().cpu().numpy()
         t1 = time.perf_counter()
         n = len(self.index)

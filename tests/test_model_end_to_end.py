@@ -12,7 +12,7 @@ from retrieval.evaluation.metrics import box_iou
 @pytest.fixture(scope="module")
 def scene_and_object():
     clutter = load_image(DEMO / "gallery" / "0003.jpg")          # 640×480 textured collage
-    obj = load_image(DEMO / "queries" / "coffee_cup.jpg").resize((62, 75))
+    obj = load_image(DEMO / "queries" / "coffee_cup.jpg").resize((80, 96))
     return clutter, obj
 
 
@@ -53,3 +53,24 @@ def test_tiny_and_huge_queries_still_match(model, scene_and_object):
         with torch.no_grad():
             out = match_query(model, encode_query(model, patch), maps, sizes)
         assert torch.isfinite(out.score).all() and torch.isfinite(out.boxes).all()
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
+def test_query_box_encoded_in_context_is_boxed(model, scene_and_object, scale):
+    """The app/CLI path: the query is a box inside a photo, encoded with its surroundings."""
+    from retrieval.matching import encode_query_in_context
+
+    clutter, obj = scene_and_object
+    source = load_image(DEMO / "gallery" / "0010.jpg")
+    source.paste(obj, (300, 200))
+    query_box = (300, 200, 300 + obj.width, 200 + obj.height)
+    size = (round(obj.width * scale), round(obj.height * scale))
+    scene = clutter.copy()
+    scene.paste(obj.resize(size, Image.BICUBIC), (150, 120))
+    truth = [150, 120, 150 + size[0], 120 + size[1]]
+    with torch.no_grad():
+        query = encode_query_in_context(model, source, query_box)
+        out = match_query(model, query, model.encode_gallery(to_tensor(scene).unsqueeze(0)),
+                          torch.tensor([[scene.height, scene.width]]))
+    assert query.patch_size == obj.size
+    assert box_iou(out.boxes[0, 0].tolist(), truth) >= 0.5

@@ -27,7 +27,10 @@ class RetrievalMethod(Protocol):
 
     def search(self, query: Image.Image) -> tuple[list[dict], dict]:
         """Rank the gallery for a query patch: ``[{"id", "score", "box"}]`` best first (box in
-        the gallery image's pixels, or ``None``) and extras such as ``{"shortlist": [ids]}``."""
+        the gallery image's pixels, or ``None``) and extras such as ``{"shortlist": [ids]}``.
+
+        A method with ``uses_context = True`` is called as ``search_in_context(image, box)``
+        instead: the query image and its box, as a user cropping in the app provides them."""
 
 
 def describe_device(device: Union[str, torch.device]) -> str:
@@ -92,13 +95,18 @@ def evaluate(method: RetrievalMethod, manifest: Union[Benchmark, str, os.PathLik
     build_seconds = float(stats.get("seconds", wall_seconds))
     del gallery  # the method keeps what it needs; the decoded images can go
 
-    patches = [crop_box(load_image(q.image), q.box) for q in bench.queries]
-    method.search(patches[0])  # warm-up: lazy initialisation and caches are not latency
+    if getattr(method, "uses_context", False):
+        inputs = [(load_image(q.image), q.box) for q in bench.queries]
+        run = lambda item: method.search_in_context(*item)  # noqa: E731
+    else:
+        inputs = [crop_box(load_image(q.image), q.box) for q in bench.queries]
+        run = method.search
+    run(inputs[0])  # warm-up: lazy initialisation and caches are not latency
     records = []
-    for query, patch in tqdm(list(zip(bench.queries, patches)), desc=f"{method.name} queries",
-                             disable=not progress):
+    for query, item in tqdm(list(zip(bench.queries, inputs)), desc=f"{method.name} queries",
+                            disable=not progress):
         start = time.perf_counter()
-        ranking, extras = method.search(patch)
+        ranking, extras = run(item)
         latency_ms = (time.perf_counter() - start) * 1000.0
         record = {"id": query.id, "latency_ms": latency_ms, "ranking": [_ranking_entry(e) for e in ranking]}
         if extras and extras.get("shortlist") is not None:

@@ -46,12 +46,20 @@ class OursMethod:
             stats["reused_index"] = True
         return stats
 
+    uses_context = True   # queries come as (image, box), as in the app and the CLI
+
+    def search_in_context(self, image: Image.Image, box) -> tuple[list[dict], dict]:
+        return self._search(image, box)
+
     def search(self, query: Image.Image) -> tuple[list[dict], dict]:
+        return self._search(query, None)
+
+    def _search(self, image: Image.Image, box) -> tuple[list[dict], dict]:
         assert self.engine is not None, "index() first"
         index: GalleryIndex = self.engine.index
         n = len(index)
         rerank = n if self.dense else self.rerank
-        response = self.engine.search(query, top=n, rerank=rerank)
+        response = self.engine.search(image, box=box, top=n, rerank=rerank)
         ranking = [{"id": index.images[r.index].path, "score": r.score, "box": r.box} for r in response.results]
         shortlisted = {r.index for r in response.results}
         if len(shortlisted) < n:
