@@ -94,7 +94,7 @@ class RetrievalModel(nn.Module):
         _identity_conv_(self.phi)
         _identity_conv_(self.psi)
         self.head = DescriptorHead(cfg.fpn_channels, cfg.mlp_hidden, cfg.gem_p)
-        self.alpha_logits = nn.Parameter(torch.zeros(len(self.levels)))
+        self.alpha_logits = nn.Parameter(torch.tensor([float(a) for a in cfg.alpha_init][: len(self.levels)]))
         self.log_gamma = nn.Parameter(torch.tensor(float(cfg.gamma)).log())
 
     # ---- parameters of eq. 4 ------------------------------------------------
