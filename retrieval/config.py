@@ -45,7 +45,8 @@ class RetrievalConfig:
     score_weight_peak: float = 0.75  # fine score = w·max(H) + (1-w)·eq. 5 (w=.75 best untrained on tracking_dev)
 
     # --- coarse stage -------------------------------------------------------
-    coarse_grid_levels: tuple[int, ...] = (1, 2, 3)   # R-MAC style grids pooled per image for FAISS
+    coarse_grid_levels: tuple[int, ...] = (1, 2, 3)   # R-MAC style grids (training's global regions)
+    coarse_windows: tuple[int, ...] = (64, 128, 256)  # px: sliding windows (+ whole image) indexed in FAISS
     rerank: int = 100              # images passed from the coarse to the fine stage
     exact_index_max: int = 20_000  # below this many vectors FAISS IndexFlatIP, above it HNSW
 
@@ -72,5 +73,5 @@ class RetrievalConfig:
 
     def model_fingerprint(self) -> str:
         """The fields that change what the network computes (not search-time knobs)."""
-        keys = ("max_side", "backbone", "fpn_channels", "levels", "coarse_grid_levels", "roi_size")
+        keys = ("max_side", "backbone", "fpn_channels", "levels", "coarse_windows", "roi_size")
         return json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
