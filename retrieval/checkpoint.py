@@ -35,12 +35,13 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, of another format, or does not fit the model."""
 
 
-def file_hash(path: str | os.PathLike) -> str:
+def file_hash(path: str | os.PathLike, digits: int = 16) -> str:
+    """The first ``digits`` hex digits of the file's SHA-256 (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:digits]
 
 
 def untrained_hash(config: RetrievalConfig) -> str:

@@ -17,7 +17,6 @@ killed at any moment therefore leaves the last committed index loadable.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -32,7 +31,7 @@ import faiss
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, file_hash
 from .config import RetrievalConfig
 from .encoding import EncodedImage
 
@@ -49,11 +48,8 @@ class ModelMismatch(IndexLoadError):
 
 
 def content_hash(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:20]
+    """Identifies an image file's content, so unchanged files are never re-encoded."""
+    return file_hash(path, digits=20)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -63,7 +63,8 @@ class OursMethod:
         ranking = [{"id": index.images[r.index].path, "score": r.score, "box": r.box} for r in response.results]
         shortlisted = {r.index for r in response.results}
         if len(shortlisted) < n:
-            # the rest in coarse order, scored below every re-ranked image, without boxes
+            # the rest in coarse order, below every re-ranked image and without boxes: the
+            # fine stage never saw them, so CorLoc counts them as misses (BENCHMARKS.md)
             rest, coarse = index.coarse_search(response.descriptor, n)
             floor = min((r["score"] for r in ranking), default=0.0) - 1.0
             ranking += [{"id": index.images[int(i)].path, "score": floor - 1.0 + float(s) / 10, "box": None}
