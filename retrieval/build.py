@@ -122,6 +122,14 @@ def _relative(path: Path, root: Path) -> str:
     return os.path.relpath(path.resolve(), root.resolve())
 
 
+CHUNK_IMAGES = 16   # images per feature-store file: ~13 MB at 640×480, small enough for git and Spaces
+
+
+def _write_chunks(index: GalleryIndex, items: list) -> list[ImageRecord]:
+    return [rec for start in range(0, len(items), CHUNK_IMAGES)
+            for rec in index.write_chunk(items[start:start + CHUNK_IMAGES])]
+
+
 def build_index(index_root: str | os.PathLike, sources, model: RetrievalModel, model_hash: str,
                 add: bool = False, rebuild: bool = False, device: str | torch.device = "cpu",
                 batch_size: int = 8, commit_every: int = 256, progress: Progress | None = None,
@@ -191,12 +199,12 @@ def build_index(index_root: str | os.PathLike, sources, model: RetrievalModel, m
             if progress is not None:
                 progress(min(start + len(batch), len(todo)), len(todo), f"indexed {report.encoded} images")
             if done_since_commit >= commit_every:
-                kept.extend(index.write_chunk(pending))
+                kept.extend(_write_chunks(index, pending))
                 index.commit(kept, skipped, time.perf_counter() - started)
                 pending, done_since_commit = [], 0
         bar.close()
         if pending:
-            kept.extend(index.write_chunk(pending))
+            kept.extend(_write_chunks(index, pending))
         report.seconds = time.perf_counter() - started
         index.commit(kept, skipped, report.seconds)
         report.skipped = skipped
@@ -242,8 +250,8 @@ def build_index_from_images(index_root: str | os.PathLike, items: Sequence[tuple
                           disable=not show_bar):
             batch = items[start:start + batch_size]
             encoded = encode_gallery_images(model, [img for _, img in batch], device=device, batch_size=batch_size)
-            records.extend(index.write_chunk([(key, "", img.width, img.height, enc)
-                                              for (key, img), enc in zip(batch, encoded)]))
+            records.extend(_write_chunks(index, [(key, "", img.width, img.height, enc)
+                                                 for (key, img), enc in zip(batch, encoded)]))
         report.seconds = time.perf_counter() - started
         report.encoded = report.total_images = len(records)
         index.commit(records, [], report.seconds)
