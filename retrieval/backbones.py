@@ -8,6 +8,8 @@ come from an installed package (EfficientNet-Lite0) or from the local torch cach
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -40,7 +42,9 @@ class EfficientNetLite0Taps(nn.Module):
         if not os.path.isfile(weights):
             raise BackboneWeightsMissing(f"EfficientNet-Lite0 weights not found at {weights}")
         # image_size=None: TF "SAME" padding computed per input, so any image size works
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, image_size=None)
+        # the package prints a banner on stdout; keep stdout clean for `search --json`
+        with contextlib.redirect_stdout(io.StringIO()):
+            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, image_size=None)
         last = max(self.tap_blocks.values())
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = nn.ModuleList(net._blocks[: last + 1])

@@ -184,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageLoadError, UnsafeArchive) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except (IndexLoadError, CheckpointError, FileNotFoundError) as exc:  # before ValueError: subclasses
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INDEX
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (IndexLoadError, CheckpointError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INDEX
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
