@@ -24,7 +24,9 @@ class RetrievalConfig:
     levels: tuple[str, ...] = ("p3", "p4", "p5")
 
     # --- correlation + fusion (eq. 3, 4) --------------------------------------
-    query_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # query patch resized by these before matching
+    # query patch resized by these before matching; half-octave steps: on tracking_dev (untrained,
+    # fine stage over the whole gallery) (0.5, 1, 2) → these: mAP .67 → .74, CorLoc@0.5 .30 → .38, 20 % slower
+    query_scales: tuple[float, ...] = (0.5, 0.707, 1.0, 1.414, 2.0)
     min_query_side: int = 32       # px: a scaled query smaller than this on a side is not tried
     context_ratio: float = 0.5     # a query box is encoded with this much of its side around it …
     context_min_px: int = 32       # … and at least this many pixels (see matching.encode_query_in_context)

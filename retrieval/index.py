@@ -122,6 +122,7 @@ class GalleryIndex:
         self._chunks: dict[str, np.memmap] = {}
         self._faiss: faiss.Index | None = None
         self._region_image: np.ndarray | None = None
+        self._exact: tuple[np.ndarray, np.ndarray] | None = None   # region vectors for brute-force ranking
 
     # ---- opening ------------------------------------------------------------
     @classmethod
@@ -219,26 +220,65 @@ class GalleryIndex:
 
         Returns ``(image indices (n,), scores (n,))``, best first, n ≤ ``n_images``.
         """
+        images, scores, _ = self.coarse_search_regions(descriptor, n_images)
+        return images, scores
+
+    def coarse_search_regions(self, descriptor: np.ndarray,
+                              n_images: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`coarse_search` plus each image's best region: ``(images (n,), scores (n,),
+        region numbers (n,))``, the region numbered within its image as in
+        ``encoding.coarse_regions`` (see :meth:`region_box`)."""
         index, owners = self.faiss_index()
         total = index.ntotal
         if total == 0 or n_images <= 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
+        if n_images >= len(self.images):
+            # every image is wanted (a dense search): an approximate index may not reach them all
+            return self._exact_coarse(descriptor)
+        # vectors are stored image after image, so an image's regions start where its owner id first appears
+        first_vector = np.searchsorted(owners, np.arange(len(self.images)))
         per_image = max(1, total // max(1, len(self.images)))
         k = min(total, max(64, n_images * per_image))
         query = np.ascontiguousarray(descriptor.reshape(1, -1), dtype=np.float32)
         while True:
             scores, ids = index.search(query, k)
             valid = ids[0] >= 0
-            best: dict[int, float] = {}
+            best: dict[int, tuple[float, int]] = {}
             for vid, s in zip(ids[0][valid], scores[0][valid]):
                 img = int(owners[vid])
                 if img not in best:
-                    best[img] = float(s)
+                    best[img] = (float(s), int(vid - first_vector[img]))
             if len(best) >= min(n_images, len(self.images)) or k >= total:
                 break
             k = min(total, k * 4)
-        ranked = sorted(best.items(), key=lambda kv: -kv[1])[:n_images]
-        return (np.array([r[0] for r in ranked], np.int64), np.array([r[1] for r in ranked], np.float32))
+        if len(best) < min(n_images, len(self.images)) and not isinstance(index, faiss.IndexFlat):
+            # HNSW's graph search can end with fewer images than asked for; rank them exactly instead
+            images, scores, regions = self._exact_coarse(descriptor)
+            return images[:n_images], scores[:n_images], regions[:n_images]
+        ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:n_images]
+        return (np.array([r[0] for r in ranked], np.int64), np.array([r[1][0] for r in ranked], np.float32),
+                np.array([r[1][1] for r in ranked], np.int64))
+
+    def _exact_coarse(self, descriptor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every image ranked by its best region, by brute force over all stored region vectors."""
+        if self._exact is None:
+            self._exact = self.region_vectors()
+        vectors, owners = self._exact
+        scores = vectors @ np.asarray(descriptor, dtype=np.float32).reshape(-1)
+        order = np.lexsort((-scores, owners))               # by image, best region first
+        firsts = order[np.r_[True, owners[order][1:] != owners[order][:-1]]]
+        first_vector = np.searchsorted(owners, np.arange(len(self.images)))
+        ranked = firsts[np.argsort(-scores[firsts], kind="stable")]
+        return owners[ranked].astype(np.int64), scores[ranked].astype(np.float32), \
+            (ranked - first_vector[owners[ranked]]).astype(np.int64)
+
+    def region_box(self, image: int, region: int) -> list[float]:
+        """Box ``[x0, y0, x1, y1]`` in original pixels of coarse region ``region`` of image ``image``."""
+        from .encoding import coarse_regions
+
+        rec = self.images[image]
+        box = coarse_regions(rec.stored_height, rec.stored_width, self.config)[region] / rec.scale
+        return [float(v) for v in box]
 
     def storage_bytes(self) -> dict[str, int]:
         """Bytes on disk: the feature store (maps), region vectors and the FAISS file."""

@@ -18,7 +18,7 @@ from .correlation import cosine_cross_correlation_many, window_offset
 from .fusion import lse_fusion, resample_heatmap
 from .images import to_tensor
 from .model import LEVEL_STRIDES, RetrievalModel
-from .regions import find_peaks, peak_boxes, pool_regions, region_score, suppress_overlaps
+from .regions import find_peaks, peak_boxes, pool_regions, region_score, subcell_peaks, suppress_overlaps
 
 FINE_STRIDE = LEVEL_STRIDES["p3"]  # every heatmap is fused on the P3 grid
 
@@ -235,7 +235,8 @@ def match_query(model: RetrievalModel, query: QueryEncoding, gallery: dict[str, 
         at_peak_values = per_scale.gather(2, flat).permute(0, 2, 1).reshape(-1, len(query.scales))
         refined = _parabola_vertex(at_peak_values, log_scales, at_peak.reshape(-1)).view(b, -1).exp()
         sizes = torch.tensor(query.patch_size, device=device, dtype=dtype)
-        boxes = peak_boxes(ys, xs, FINE_STRIDE, sizes[0] * refined, sizes[1] * refined, image_sizes.to(device))
+        fy, fx = subcell_peaks(fused.detach(), ys, xs, valid)
+        boxes = peak_boxes(fy, fx, FINE_STRIDE, sizes[0] * refined, sizes[1] * refined, image_sizes.to(device))
         boxes, box_scores, box_valid = suppress_overlaps(boxes, peak_vals, cfg.nms_iou, k)
         best_scale_idx = at_peak[:, 0]
     regions = model.head.embed(pool_regions(p3, boxes, FINE_STRIDE, cfg.roi_size, model.head.gem_p))

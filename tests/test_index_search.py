@@ -58,6 +58,35 @@ def test_build_search_reopen_identical(model, model_hash, small_gallery, tmp_pat
     assert r.to_json().keys() == {"path", "score", "box"}
 
 
+def test_coarse_regions_and_their_boxes(model, model_hash, small_gallery, tmp_path):
+    """The best region reported per image is the stored vector with the top inner product,
+    and its box is that region's window mapped back to original pixels (a naive scan)."""
+    import torch
+
+    from retrieval.encoding import coarse_regions
+
+    root = tmp_path / "idx"
+    build_index(root, small_gallery, model, model_hash, show_bar=False)
+    index = GalleryIndex.open(root)
+    vectors, owners = index.region_vectors()
+    query = vectors[len(vectors) // 2] + 0.1 * vectors[3]
+    query /= np.linalg.norm(query)
+    images, scores, regions = index.coarse_search_regions(query, len(index))
+    assert sorted(images.tolist()) == list(range(len(index)))
+    assert np.array_equal(index.coarse_search(query, len(index))[0], images)
+    via_faiss = index.coarse_search_regions(query, len(index) - 1)     # FAISS path (all but one image)
+    assert np.array_equal(via_faiss[0], images[:-1]) and np.array_equal(via_faiss[2], regions[:-1])
+    assert np.allclose(via_faiss[1], scores[:-1], atol=1e-5)
+    for img, score, region in zip(images, scores, regions):
+        own = vectors[owners == img] @ query
+        assert int(np.argmax(own)) == region and abs(float(own.max()) - float(score)) < 1e-5
+        rec = index.images[int(img)]
+        expected = coarse_regions(rec.stored_height, rec.stored_width, model.config)[region] / rec.scale
+        assert torch.allclose(torch.tensor(index.region_box(int(img), int(region))), expected)
+        box = index.region_box(int(img), int(region))
+        assert 0 <= box[0] < box[2] <= rec.width + 1e-3 and 0 <= box[1] < box[3] <= rec.height + 1e-3
+
+
 def test_incremental_add_encodes_only_new_files(model, model_hash, small_gallery, tmp_path, monkeypatch):
     root = tmp_path / "idx"
     build_index(root, small_gallery, model, model_hash, show_bar=False)

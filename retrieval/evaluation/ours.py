@@ -63,10 +63,11 @@ class OursMethod:
         ranking = [{"id": index.images[r.index].path, "score": r.score, "box": r.box} for r in response.results]
         shortlisted = {r.index for r in response.results}
         if len(shortlisted) < n:
-            # the rest in coarse order, below every re-ranked image and without boxes: the
-            # fine stage never saw them, so CorLoc counts them as misses (BENCHMARKS.md)
-            rest, coarse = index.coarse_search(response.descriptor, n)
+            # the rest in coarse order, below every re-ranked image; the fine stage never saw
+            # them, so their box is the best-matching coarse region's (a window of 64–256 px)
+            rest, coarse, regions = index.coarse_search_regions(response.descriptor, n)
             floor = min((r["score"] for r in ranking), default=0.0) - 1.0
-            ranking += [{"id": index.images[int(i)].path, "score": floor - 1.0 + float(s) / 10, "box": None}
-                        for i, s in zip(rest, coarse) if int(i) not in shortlisted]
+            ranking += [{"id": index.images[int(i)].path, "score": floor - 1.0 + float(s) / 10,
+                         "box": index.region_box(int(i), int(r))}
+                        for i, s, r in zip(rest, coarse, regions) if int(i) not in shortlisted]
         return ranking, {"shortlist": [index.images[i].path for i in response.shortlist]}
