@@ -74,7 +74,8 @@ def save_checkpoint(model: RetrievalModel, path: str | os.PathLike, meta: dict[s
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "config": model.config.to_dict(),
                 "state": {k: v.detach().cpu() for k, v in model.head_state_dict().items()},
-                "meta": meta or {}}, buffer)
+                # plain JSON types only: the file must load with torch.load(weights_only=True)
+                "meta": json.loads(json.dumps(meta or {}, default=str))}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
     return file_hash(path)
 

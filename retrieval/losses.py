@@ -181,6 +181,33 @@ def dice_loss(probs: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     return 1 - (2 * (p * t).sum(dim=1) + eps) / (p.sum(dim=1) + t.sum(dim=1) + eps)
 
 
+def peak_loss(heatmap: Tensor, mask: Tensor, temperature: float | Tensor) -> Tensor:
+    """Localisation loss: −log of the spatial-softmax mass that falls inside the mask.
+
+    Focal + Dice judge every cell on its own; the box the search reports sits at the
+    heatmap's argmax, so this term asks directly for the map's maximum to lie on the
+    object: ``−log Σ_cells mask · softmax(temperature · H)``.
+
+    Args:
+        heatmap: ``(B, 1, H, W)`` fused heatmap.
+        mask: ``(B, 1, H, W)`` target cells in {0, 1} (e.g. :func:`box_mask` of the box's centre part);
+            an all-zero mask contributes 0.
+
+    Returns:
+        ``()`` scalar, mean over the images whose mask is not empty (0 if none).
+    """
+    if heatmap.dim() != 4 or heatmap.shape[1] != 1 or heatmap.shape != mask.shape:
+        raise ValueError(f"heatmap and mask must both be (B, 1, H, W), got {tuple(heatmap.shape)} and {tuple(mask.shape)}")
+    logits = (heatmap * temperature).flatten(1)
+    log_p = torch.log_softmax(logits, dim=1)
+    inside = mask.flatten(1) > 0
+    has = inside.any(dim=1)
+    if not bool(has.any()):
+        return heatmap.sum() * 0.0
+    log_mass = torch.logsumexp(log_p.masked_fill(~inside, float("-inf")), dim=1)
+    return -log_mass[has].mean()
+
+
 def dense_loss(
     heatmap: Tensor,
     mask: Tensor,

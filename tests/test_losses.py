@@ -332,3 +332,19 @@ def test_gradients_flow_through_all_terms():
         _assert_good_grad(t)
     # eq. 8 only moves the best region on each side
     assert (pos.grad != 0).sum() == 4 and (neg.grad != 0).sum() == 4
+
+
+def test_peak_loss_hand_values():
+    from retrieval.losses import peak_loss
+
+    flat = torch.zeros(1, 1, 4, 5)
+    mask = torch.zeros(1, 1, 4, 5)
+    mask[0, 0, 1:3, 1:3] = 1                      # 4 of 20 cells
+    assert abs(float(peak_loss(flat, mask, 20.0)) - math.log(5.0)) < 1e-5
+    sharp = flat.clone()
+    sharp[0, 0, 2, 2] = 1.0                        # the maximum on the object
+    assert float(peak_loss(sharp, mask, 50.0)) < 1e-6
+    wrong = flat.clone()
+    wrong[0, 0, 0, 4] = 1.0                        # the maximum off the object
+    assert float(peak_loss(wrong, mask, 50.0)) > 40
+    assert float(peak_loss(sharp, torch.zeros_like(mask), 20.0)) == 0.0

@@ -217,8 +217,8 @@ def test_twenty_steps_on_a_fixed_batch_lower_the_loss(demo_images):
     torch.manual_seed(0)
     model = RetrievalModel(RetrievalConfig())
     split, batch = _fixed_batch(model, demo_images)
-    cfg = T.TrainConfig(steps=20, warmup=1, lr=3e-3, batch_size=2, window=())
-    groups = T.param_groups(model, split)
+    cfg = T.TrainConfig(steps=20, warmup=1, lr=3e-3, batch_size=2, window=(), lambda_peak=1.0)
+    groups = T.param_groups(model, split, T.ALL_HEADS)
 
     def total() -> float:
         with torch.no_grad():
@@ -237,10 +237,11 @@ def test_saved_then_loaded_checkpoint_gives_identical_outputs(demo_images, tmp_p
     model = RetrievalModel(RetrievalConfig())
     split, batch = _fixed_batch(model, demo_images)
     cfg = T.TrainConfig(steps=2, warmup=1, lr=1e-2, batch_size=2, window=())
-    T.train_steps(model, split, T.param_groups(model, split), None, cfg, torch.device("cpu"), fixed_batch=batch)
+    T.train_steps(model, split, T.param_groups(model, split, T.ALL_HEADS), None, cfg, torch.device("cpu"),
+                  fixed_batch=batch)
     model.eval()
     path = tmp_path / "heads.pt"
-    save_checkpoint(T.TrainedWeights(model), path, {"note": "test"})
+    save_checkpoint(T.TrainedWeights(model), path, {"note": "test", "torch": torch.__version__})  # not a str
     loaded, model_hash = load_model(path)
     assert not model_hash.startswith("untrained") and not loaded.training
     patch = demo_images[0].crop((30, 20, 70, 60))
@@ -276,3 +277,15 @@ def test_lr_schedule_warms_up_then_decays():
     assert T.lr_factor(0, cfg) == pytest.approx(0.1) and T.lr_factor(9, cfg) == pytest.approx(1.0)
     assert T.lr_factor(10, cfg) == pytest.approx(1.0) and T.lr_factor(100, cfg) == pytest.approx(0.0)
     assert T.lr_factor(55, cfg) == pytest.approx(0.5)
+
+
+def test_trained_modules_limit_what_learns(demo_images):
+    torch.manual_seed(0)
+    model = RetrievalModel(RetrievalConfig())
+    split, batch = _fixed_batch(model, demo_images)
+    cfg = T.TrainConfig(steps=3, warmup=1, lr=1e-2, batch_size=2, window=())
+    before = {k: v.clone() for k, v in model.head_state_dict().items()}
+    groups = T.param_groups(model, split, ("head",))
+    T.train_steps(model, split, groups, None, cfg, torch.device("cpu"), fixed_batch=batch)
+    changed = {k for k, v in model.head_state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("head.") for k in changed), changed
