@@ -33,7 +33,7 @@ def read_run(folder: Path) -> dict | None:
 
         # our own run output (older runs stored a TorchVersion in meta, which weights_only refuses)
         config = torch.load(folder / "best.pt", map_location="cpu", weights_only=False)["config"]
-        scales = "/".join(f"{s:g}" for s in config["query_scales"])
+        scales = "/".join(f"{s:g}" for s in config["query_scales"]) + f", min side {config['min_query_side']} px"
     return {"name": folder.name, "config": json.loads(cfg.read_text()), "scales": scales,
             "start": rows[0], "best": best, "last": rows[-1]}
 
@@ -68,6 +68,8 @@ Validation: the held-out sequences of tracking_dev (never used for training), ev
 against every held-out image; mAP and CorLoc@0.5 of the fine stage (eq. 3–5), and the mAP of
 the coarse stage alone (best stored region descriptor per image). All runs on this 2-core CPU,
 batch 8, the same data and seed. A run whose last step is below its step count was stopped early.
+The search settings improved between runs (half-octave query scales, a 16-px minimum query side,
+sub-cell peaks — the last run has all three), so compare each run with its own step 0.
 
 {table}
 
