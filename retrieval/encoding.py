@@ -69,6 +69,10 @@ def encode_gallery_images(model: RetrievalModel, images: list[Image.Image],
                           batch_size: int = 8) -> list[EncodedImage]:
     """Resize (gallery rule), run the network in same-size batches, pool the coarse regions."""
     cfg = config or model.config
+    if torch.device(device).type == "cpu":
+        # on a CPU the backbone is 2-3x faster per image one at a time (measured with 1 and 2
+        # threads, 640x480: 207 vs 419 ms at batch 8, 88 vs 294 ms): batches only pay on a GPU
+        batch_size = 1
     resized = [resize_max_side(img, cfg.max_side) for img in images]
     out: list[EncodedImage | None] = [None] * len(images)
     by_size: dict[tuple[int, int], list[int]] = {}
