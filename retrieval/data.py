@@ -38,7 +38,8 @@ from torch import nn
 
 from .backbones import EfficientNetLite0Taps, ResNet50Taps
 from .config import RetrievalConfig
-from .images import ImageLoadError, crop_box, list_image_files, load_image, resize_max_side, to_tensor
+from .images import (ImageLoadError, crop_box, list_image_files, load_image, resize_max_side, size_batches,
+                     to_tensor)
 from .matching import context_window, usable_scales
 from .model import _TAP_OF_LEVEL, LEVEL_STRIDES, RetrievalModel
 
@@ -239,16 +240,10 @@ def encode_images(split: TapSplit, images: Sequence[Image.Image], device: torch.
                   batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
     """Cache entries for each image (same-size images batched): ``[{tap: (1, C, h, w)}]`` on the CPU."""
     out: list[dict[str, torch.Tensor] | None] = [None] * len(images)
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, img in enumerate(images):
-        by_size.setdefault(img.size, []).append(i)
-    for indices in by_size.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            batch = torch.stack([to_tensor(images[i]) for i in chunk]).to(device)
-            taps = split.frozen(batch)
-            for j, i in enumerate(chunk):
-                out[i] = {k: v[j:j + 1].float().cpu() for k, v in taps.items()}
+    for chunk in size_batches([img.size for img in images], batch_size):
+        taps = split.frozen(torch.stack([to_tensor(images[i]) for i in chunk]).to(device))
+        for j, i in enumerate(chunk):
+            out[i] = {k: v[j:j + 1].float().cpu() for k, v in taps.items()}
     return out  # type: ignore[return-value]
 
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from .config import RetrievalConfig
-from .images import resize_max_side, to_tensor
+from .images import resize_max_side, size_batches, to_tensor
 from .matching import FINE_STRIDE
 from .model import RetrievalModel
 from .regions import pool_regions
@@ -75,19 +75,18 @@ def encode_gallery_images(model: RetrievalModel, images: list[Image.Image],
         batch_size = 1
     resized = [resize_max_side(img, cfg.max_side) for img in images]
     out: list[EncodedImage | None] = [None] * len(images)
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, (img, _) in enumerate(resized):
-        by_size.setdefault(img.size, []).append(i)
-    for (width, height), indices in by_size.items():
-        boxes = coarse_regions(height, width, cfg)
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            batch = torch.stack([to_tensor(resized[i][0]) for i in chunk]).to(device)
-            maps = model.encode_gallery(batch)
-            roi = boxes.to(device).unsqueeze(0).expand(len(chunk), -1, -1)
-            desc = model.head.embed(pool_regions(maps["p3"], roi, FINE_STRIDE, cfg.roi_size, model.head.gem_p))
-            for j, i in enumerate(chunk):
-                out[i] = EncodedImage(maps={l: m[j].float().cpu() for l, m in maps.items()},
-                                      regions=desc[j].float().cpu(), region_boxes=boxes.clone(),
-                                      size=(width, height), scale=resized[i][1])
+    boxes_of: dict[tuple[int, int], torch.Tensor] = {}
+    for chunk in size_batches([img.size for img, _ in resized], batch_size):
+        width, height = resized[chunk[0]][0].size
+        if (width, height) not in boxes_of:
+            boxes_of[width, height] = coarse_regions(height, width, cfg)
+        boxes = boxes_of[width, height]
+        batch = torch.stack([to_tensor(resized[i][0]) for i in chunk]).to(device)
+        maps = model.encode_gallery(batch)
+        roi = boxes.to(device).unsqueeze(0).expand(len(chunk), -1, -1)
+        desc = model.head.embed(pool_regions(maps["p3"], roi, FINE_STRIDE, cfg.roi_size, model.head.gem_p))
+        for j, i in enumerate(chunk):
+            out[i] = EncodedImage(maps={l: m[j].float().cpu() for l, m in maps.items()},
+                                  regions=desc[j].float().cpu(), region_boxes=boxes.clone(),
+                                  size=(width, height), scale=resized[i][1])
     return out  # type: ignore[return-value]

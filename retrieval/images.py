@@ -199,6 +199,15 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices of ``sizes`` grouped by equal size (first-seen order), each group cut into
+    batches of at most ``batch_size`` — so a batch stacks without padding."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(tuple(size), []).append(i)
+    return [group[s:s + batch_size] for group in groups.values() for s in range(0, len(group), batch_size)]
+
+
 def list_image_files(folder: Union[str, os.PathLike]) -> list[Path]:
     """Files under ``folder`` (recursive) whose extension looks like an image, sorted."""
     root = Path(folder)

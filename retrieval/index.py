@@ -123,6 +123,7 @@ class GalleryIndex:
         self._faiss: faiss.Index | None = None
         self._region_image: np.ndarray | None = None
         self._exact: tuple[np.ndarray, np.ndarray] | None = None   # region vectors for brute-force ranking
+        self._region_boxes: dict[tuple[int, int], torch.Tensor] = {}  # (stored h, w) → coarse region boxes
 
     # ---- opening ------------------------------------------------------------
     @classmethod
@@ -277,8 +278,10 @@ class GalleryIndex:
         from .encoding import coarse_regions
 
         rec = self.images[image]
-        box = coarse_regions(rec.stored_height, rec.stored_width, self.config)[region] / rec.scale
-        return [float(v) for v in box]
+        size = (rec.stored_height, rec.stored_width)
+        if size not in self._region_boxes:  # the same windows for every image of a size
+            self._region_boxes[size] = coarse_regions(*size, self.config)
+        return [float(v) for v in self._region_boxes[size][region] / rec.scale]
 
     def storage_bytes(self) -> dict[str, int]:
         """Bytes on disk: the feature store (maps), region vectors and the FAISS file."""

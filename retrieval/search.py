@@ -18,7 +18,7 @@ from PIL import Image
 
 from .config import RetrievalConfig
 from .fusion import resample_heatmap
-from .images import ImageSource, crop_box, prepare_query, prepare_query_source
+from .images import ImageSource, crop_box, prepare_query, prepare_query_source, size_batches
 from .index import GalleryIndex, ModelMismatch
 from .matching import FINE_STRIDE, encode_query, encode_query_in_context, match_query, stack_maps
 from .model import RetrievalModel
@@ -77,11 +77,8 @@ class SearchResponse:
 
 def _fine_batches(index: GalleryIndex, ids: list[int], batch_size: int) -> list[list[int]]:
     """Group shortlisted images by stored size so batches need little padding."""
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i in ids:
-        rec = index.images[i]
-        by_size.setdefault((rec.stored_width, rec.stored_height), []).append(i)
-    return [group[s:s + batch_size] for group in by_size.values() for s in range(0, len(group), batch_size)]
+    sizes = [(index.images[i].stored_width, index.images[i].stored_height) for i in ids]
+    return [[ids[j] for j in batch] for batch in size_batches(sizes, batch_size)]
 
 
 class SearchEngine:

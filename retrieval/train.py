@@ -50,6 +50,7 @@ from . import data as D
 from .checkpoint import ASSETS, load_model, save_checkpoint
 from .config import RetrievalConfig
 from .encoding import coarse_regions
+from .images import size_batches
 from .losses import (box_mask, dense_loss, info_nce, peak_loss, scale_consistency_loss, total_loss,
                      triplet_region_loss)
 from .matching import FINE_STRIDE, QueryEncoding, match_query, stack_maps
@@ -494,22 +495,19 @@ def rank_heldout(model: RetrievalModel, split: D.TapSplit, val: ValidationSet, d
     maps = [gallery_maps(model, split, im, device) for im in val.gallery]
     coarse = [embed_regions(model, m["p3"], coarse_regions(im.size[1], im.size[0], cfg))
               for m, im in zip(maps, val.gallery)]
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, im in enumerate(val.gallery):
-        by_size.setdefault(im.size, []).append(i)
+    batches = size_batches([im.size for im in val.gallery], chunk)
     fine_records, coarse_records = [], []
     for query in val.queries:
         q = query_encoding(model, split, query, device)
         scores = torch.empty(len(val.gallery))
         boxes: list[list[float] | None] = [None] * len(val.gallery)
-        for (w, h), indices in by_size.items():
-            for s in range(0, len(indices), chunk):
-                part = indices[s:s + chunk]
-                match = match_query(model, q, stack_maps([maps[i] for i in part]), torch.tensor([[h, w]] * len(part)))
-                scores[part] = match.score.float().cpu()
-                for j, i in enumerate(part):
-                    if torch.isfinite(match.box_scores[j, 0]):
-                        boxes[i] = [float(v) for v in match.boxes[j, 0]]
+        for part in batches:
+            w, h = val.gallery[part[0]].size
+            match = match_query(model, q, stack_maps([maps[i] for i in part]), torch.tensor([[h, w]] * len(part)))
+            scores[part] = match.score.float().cpu()
+            for j, i in enumerate(part):
+                if torch.isfinite(match.box_scores[j, 0]):
+                    boxes[i] = [float(v) for v in match.boxes[j, 0]]
         coarse_scores = torch.stack([(r @ q.descriptor).max() for r in coarse]).float().cpu()
         for records, values, with_boxes in ((fine_records, scores, True), (coarse_records, coarse_scores, False)):
             order = torch.argsort(values, descending=True, stable=True).tolist()

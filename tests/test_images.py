@@ -83,3 +83,12 @@ def test_query_uses_gallery_resize_rule():
     assert resize_max_side(src, 640)[1] == 0.5
     with pytest.raises(ImageLoadError):
         prepare_query(src, (0, 0, 1, 1), max_side=640)
+
+
+def test_size_batches_group_equal_sizes_in_first_seen_order():
+    from retrieval.images import size_batches
+
+    sizes = [(4, 3), (2, 2), (4, 3), (4, 3), (2, 2), (4, 3), (9, 9)]
+    assert size_batches(sizes, 2) == [[0, 2], [3, 5], [1, 4], [6]]
+    assert size_batches(sizes, 10) == [[0, 2, 3, 5], [1, 4], [6]]
+    assert size_batches([], 3) == []

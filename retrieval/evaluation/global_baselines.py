@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from retrieval.backbones import build_backbone
-from retrieval.images import resize_max_side, to_tensor
+from retrieval.images import resize_max_side, size_batches, to_tensor
 
 EPS = 1e-6
 Region = tuple[int, int, int, int]  # x0, y0, x1, y1 in feature cells, x1/y1 exclusive
@@ -150,13 +150,8 @@ def prepare_query_patch(query: Image.Image, max_side: int, min_side: int) -> Ima
 
 def batches_by_size(images: Sequence[Image.Image], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Group same-size images into ``(indices, (B, 3, H, W) in [0, 1])`` batches."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, img in enumerate(images):
-        groups.setdefault(img.size, []).append(i)
-    for idx in groups.values():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            yield chunk, torch.stack([to_tensor(images[i]) for i in chunk])
+    for chunk in size_batches([img.size for img in images], batch_size):
+        yield chunk, torch.stack([to_tensor(images[i]) for i in chunk])
 
 
 def best_regions(regions: torch.Tensor, valid: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
