@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from retrieval.correlation import (cosine_cross_correlation, cosine_cross_correlation_many,
+from retrieval.correlation import (_direct_is_cheaper, channel_products, cosine_cross_correlation,
+                                   cosine_cross_correlation_many,
                                    cosine_cross_correlation_naive,
                                    same_padding)
 
@@ -55,11 +56,20 @@ def test_zero_map_gives_zero_not_nan():
     assert torch.isfinite(out).all() and out.abs().max() == 0
 
 
+# one set small enough for the single padded direct convolution, one that takes the FFT path
+TEMPLATE_SETS = {"direct": [(1, 1), (3, 2), (2, 3), (3, 3), (2, 2)],
+                 "fft": [(1, 1), (3, 2), (6, 7), (4, 4), (10, 5)]}
+
+
 @pytest.mark.parametrize("padding", ["same", "valid"])
-def test_fft_path_matches_direct_and_naive(padding):
+@pytest.mark.parametrize("path", sorted(TEMPLATE_SETS))
+def test_batched_paths_match_direct_and_naive(padding, path):
+    sizes = TEMPLATE_SETS[path]
+    hm, wm = max(h for h, _ in sizes), max(w for _, w in sizes)
+    assert _direct_is_cheaper(hm, wm) == (path == "direct")
     torch.manual_seed(3)
     feats = torch.randn(2, 16, 11, 17)
-    templates = [torch.randn(16, 1, 1), torch.randn(16, 3, 2), torch.randn(16, 6, 7), torch.randn(16, 4, 4)]
+    templates = [torch.randn(16, h, w) for h, w in sizes]
     fast = cosine_cross_correlation_many(feats, templates, padding=padding)
     for t, out in zip(templates, fast):
         direct = cosine_cross_correlation(feats, t, padding=padding)
@@ -67,3 +77,19 @@ def test_fft_path_matches_direct_and_naive(padding):
         assert (out - direct).abs().max() <= 1e-4
         if padding == "valid":
             assert (out - cosine_cross_correlation_naive(feats, t)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_channel_products_match_einsum_and_backpropagate(dtype):
+    torch.manual_seed(4)
+    spectra = torch.randn(3, 7, 5, 4, dtype=dtype, requires_grad=True)
+    kernels = torch.randn(2, 7, 5, 4, dtype=dtype, requires_grad=True)
+    out = channel_products(spectra, kernels)
+    expected = torch.einsum("bcij,tcij->btij", spectra, kernels)
+    assert out.shape == (3, 2, 5, 4)
+    assert (out - expected).abs().max() <= 1e-5
+    weights = torch.randn(3, 2, 5, 4, dtype=dtype)
+    grads = torch.autograd.grad((out * weights).real.sum(), (spectra, kernels))
+    grads_ref = torch.autograd.grad((expected * weights).real.sum(), (spectra, kernels))
+    for g, r in zip(grads, grads_ref):
+        assert (g - r).abs().max() <= 1e-4
