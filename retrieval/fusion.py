@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 
 def resample_heatmap(heat: torch.Tensor, src_stride: float, out_size: tuple[int, int],
-                     out_stride: float, src_offset: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+                     out_stride: float, src_offset: tuple[float, float] = (0.0, 0.0),
+                     src_sizes: torch.Tensor | None = None) -> torch.Tensor:
     """Bilinearly resample a map from one cell grid to another.
 
     Args:
@@ -22,6 +23,9 @@ def resample_heatmap(heat: torch.Tensor, src_stride: float, out_size: tuple[int,
         out_size: ``(H, W)`` of the output grid.
         out_stride: pixels per output cell (1 gives a per-pixel map).
         src_offset: ``(dy, dx)`` centre offsets of the source cells, in source cells.
+        src_sizes: optional ``(B, 2)`` (rows, cols) of each map's own cells when the batch is
+            zero-padded to ``(h, w)``: the edge clamp then happens at each map's own border, so
+            an image gets the same values in a padded batch as alone.
 
     Returns:
         ``(B, T, H, W)``.
@@ -33,12 +37,18 @@ def resample_heatmap(heat: torch.Tensor, src_stride: float, out_size: tuple[int,
     device, dtype = heat.device, heat.dtype
     ys = (torch.arange(out_h, device=device, dtype=dtype) + 0.5) * out_stride / src_stride - 0.5 - src_offset[0]
     xs = (torch.arange(out_w, device=device, dtype=dtype) + 0.5) * out_stride / src_stride - 0.5 - src_offset[1]
+    if src_sizes is None:
+        ys, xs = ys.expand(b, -1), xs.expand(b, -1)
+    else:
+        rows = src_sizes[:, 0:1].to(device=device, dtype=dtype)
+        cols = src_sizes[:, 1:2].to(device=device, dtype=dtype)
+        ys = torch.minimum(ys.clamp(min=0).expand(b, -1), rows - 1)
+        xs = torch.minimum(xs.clamp(min=0).expand(b, -1), cols - 1)
     # grid_sample(align_corners=False): normalised n ↔ source index (n + 1) · size / 2 − 0.5
-    gy = (2 * ys + 1) / h - 1
-    gx = (2 * xs + 1) / w - 1
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
-    return F.grid_sample(heat, grid.unsqueeze(0).expand(b, -1, -1, -1), mode="bilinear",
-                         padding_mode="border", align_corners=False)
+    gy = ((2 * ys + 1) / h - 1)[:, :, None].expand(-1, -1, out_w)
+    gx = ((2 * xs + 1) / w - 1)[:, None, :].expand(-1, out_h, -1)
+    grid = torch.stack([gx, gy], dim=-1)                                  # (B, H, W, 2) as (x, y)
+    return F.grid_sample(heat, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def lse_fusion(maps: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor | float,

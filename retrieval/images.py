@@ -208,6 +208,35 @@ def size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list
     return [group[s:s + batch_size] for group in groups.values() for s in range(0, len(group), batch_size)]
 
 
+def padded_batches(sizes: Sequence[tuple[int, int]], batch_size: int,
+                   max_padding: float = 0.25) -> list[list[int]]:
+    """Indices of ``sizes`` (width, height) grouped into batches of similar sizes, for work
+    that zero-pads a batch to its largest member (the fine stage, see ``matching.stack_maps``).
+
+    Galleries of photos rarely share one exact size, and one image per batch multiplies the
+    per-call overhead; here a batch grows while its padded area (largest width × largest
+    height × members) stays within ``1 + max_padding`` of its members' summed area. Images
+    of equal size always fit together.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i][1], sizes[i][0]))
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    max_w = max_h = area = 0
+    for i in order:
+        w, h = sizes[i]
+        grown_w, grown_h = max(max_w, w), max(max_h, h)
+        fits = (len(batch) < batch_size
+                and grown_w * grown_h * (len(batch) + 1) <= (1.0 + max_padding) * (area + w * h))
+        if batch and not fits:
+            batches.append(batch)
+            batch, max_w, max_h, area, grown_w, grown_h = [], 0, 0, 0, w, h
+        batch.append(i)
+        max_w, max_h, area = grown_w, grown_h, area + w * h
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 def list_image_files(folder: Union[str, os.PathLike]) -> list[Path]:
     """Files under ``folder`` (recursive) whose extension looks like an image, sorted."""
     root = Path(folder)

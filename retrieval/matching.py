@@ -206,9 +206,11 @@ def match_query(model: RetrievalModel, query: QueryEncoding, gallery: dict[str, 
             continue
         templates = [query.templates[s][level].to(dtype) for s in todo]
         heats = cosine_cross_correlation_many(gallery[level], templates, padding="same", eps=cfg.eps)
+        # each image's own cells at this level (the backbone rounds every stride-2 step up)
+        own_cells = torch.ceil(image_sizes.to(device=device, dtype=torch.float64) / LEVEL_STRIDES[level])
         for s, t, heat in zip(todo, templates, heats):
             grids[s][li] = resample_heatmap(heat, LEVEL_STRIDES[level], (h3, w3), FINE_STRIDE,
-                                            (window_offset(t.shape[-2]), window_offset(t.shape[-1])))
+                                            (window_offset(t.shape[-2]), window_offset(t.shape[-1])), own_cells)
     fused_scales, level_scales = [], []
     for s in range(n_scales):
         usable = [g is not None for g in grids[s]]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .config import RetrievalConfig
 from .fusion import resample_heatmap
-from .images import ImageSource, crop_box, prepare_query, prepare_query_source, size_batches
+from .images import ImageSource, crop_box, padded_batches, prepare_query, prepare_query_source
 from .index import GalleryIndex, ModelMismatch
 from .matching import FINE_STRIDE, encode_query, encode_query_in_context, match_query, stack_maps
 from .model import RetrievalModel
@@ -76,9 +76,9 @@ class SearchResponse:
 
 
 def _fine_batches(index: GalleryIndex, ids: list[int], batch_size: int) -> list[list[int]]:
-    """Group shortlisted images by stored size so batches need little padding."""
+    """Group shortlisted images of similar stored size so batches need little padding."""
     sizes = [(index.images[i].stored_width, index.images[i].stored_height) for i in ids]
-    return [[ids[j] for j in batch] for batch in size_batches(sizes, batch_size)]
+    return [[ids[j] for j in batch] for batch in padded_batches(sizes, batch_size)]
 
 
 class SearchEngine:

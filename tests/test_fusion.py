@@ -68,3 +68,17 @@ def test_gradients_reach_every_learned_part(model):
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
         assert param.grad.abs().sum() > 0, name
     model.zero_grad()
+
+
+def test_resample_of_a_zero_padded_batch_matches_each_map_alone():
+    torch.manual_seed(5)
+    small, big = torch.rand(1, 2, 5, 7), torch.rand(1, 2, 6, 9)
+    batch = torch.zeros(2, 2, 6, 9)
+    batch[0, :, :5, :7] = small[0]
+    batch[1] = big[0]
+    out = resample_heatmap(batch, 16, (12, 18), 8, (0.5, 0.0), src_sizes=torch.tensor([[5, 7], [6, 9]]))
+    alone = resample_heatmap(small, 16, (10, 14), 8, (0.5, 0.0))
+    assert torch.allclose(out[0, :, :10, :14], alone, atol=1e-6)
+    assert torch.allclose(out[1:], resample_heatmap(big, 16, (12, 18), 8, (0.5, 0.0)), atol=1e-6)
+    unaware = resample_heatmap(batch, 16, (12, 18), 8, (0.5, 0.0))
+    assert not torch.allclose(unaware[0, :, :10, :14], alone, atol=1e-3)   # why src_sizes exists

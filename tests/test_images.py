@@ -92,3 +92,21 @@ def test_size_batches_group_equal_sizes_in_first_seen_order():
     assert size_batches(sizes, 2) == [[0, 2], [3, 5], [1, 4], [6]]
     assert size_batches(sizes, 10) == [[0, 2, 3, 5], [1, 4], [6]]
     assert size_batches([], 3) == []
+
+
+def test_padded_batches_group_similar_sizes_within_the_padding_budget():
+    from retrieval.images import padded_batches
+
+    sizes = [(640, 480), (320, 240), (630, 470), (640, 480), (318, 240), (480, 640), (64, 64), (640, 476)]
+    batches = padded_batches(sizes, batch_size=3, max_padding=0.25)
+    assert sorted(i for b in batches for i in b) == list(range(len(sizes)))
+    for batch in batches:
+        assert len(batch) <= 3
+        width = max(sizes[i][0] for i in batch)
+        height = max(sizes[i][1] for i in batch)
+        assert width * height * len(batch) <= 1.25 * sum(sizes[i][0] * sizes[i][1] for i in batch)
+    together = next(b for b in batches if 1 in b)
+    assert 4 in together                       # 320×240 and 318×240 share a batch
+    assert not any(6 in b and len(b) > 1 for b in batches)   # 64×64 pads too much next to anything
+    assert padded_batches([(5, 5)] * 7, 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert padded_batches([], 3) == []

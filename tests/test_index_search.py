@@ -209,3 +209,31 @@ def test_tracking_dev_crop_finds_its_sequence(model, model_hash, tracking_dev, t
         if q["object"] in sequences and q["id"].endswith("q50"):
             resp = engine.search(tracking_dev / q["image"], box=q["box"], top=3)
             assert resp.results[0].path.parent.name == q["object"], (q["id"], resp.results[0].path)
+
+
+def test_padded_fine_batches_match_one_image_at_a_time(model, model_hash, tmp_path):
+    """Images of slightly different sizes share a zero-padded fine-stage batch; each image's
+    score, boxes and heatmap must be what it gets alone."""
+    from PIL import Image
+
+    from retrieval.images import padded_batches
+
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    for i, src in enumerate(GALLERY[:5]):
+        Image.open(src).convert("RGB").resize((600 - 7 * i, 450 - 5 * i)).save(folder / f"{i}.png")
+    root = tmp_path / "idx"
+    build_index(root, folder, model, model_hash, show_bar=False)
+    index = GalleryIndex.open(root)
+    sizes = {(rec.stored_width, rec.stored_height) for rec in index.images}
+    assert len(sizes) == 5 and len(padded_batches(sorted(sizes), 32)) == 1
+    engine = SearchEngine(index, model)
+    query = DEMO / "queries" / "cat_face.jpg"
+    alone = {r.path.name: r for r in engine.search(query, top=5, batch_size=1).results}
+    batched = engine.search(query, top=5, batch_size=32).results
+    assert len(batched) == 5
+    for r in batched:
+        ref = alone[r.path.name]
+        assert abs(r.score - ref.score) <= 1e-5
+        assert all(abs(a - b) <= 1e-2 for a, b in zip(r.box, ref.box))
+        assert (r.fused_cells - ref.fused_cells).abs().max() <= 1e-4
