@@ -44,8 +44,14 @@ def file_hash(path: str | os.PathLike, digits: int = 16) -> str:
     return digest.hexdigest()[:digits]
 
 
-def untrained_hash(config: RetrievalConfig) -> str:
-    return "untrained-" + hashlib.sha256(config.model_fingerprint().encode()).hexdigest()[:12]
+def untrained_hash(model: RetrievalModel) -> str:
+    """Names the untrained heads by their config and their actual weights, so that an index
+    built with other initial weights (an older release) is detected as built by another model."""
+    digest = hashlib.sha256(model.config.model_fingerprint().encode())
+    for name, tensor in sorted(model.head_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return "untrained-" + digest.hexdigest()[:12]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -113,7 +119,7 @@ def load_model(checkpoint: str | os.PathLike | None = "default", device: str | t
     if path is None:
         cfg = config or RetrievalConfig()
         model = RetrievalModel(cfg)
-        model_hash = untrained_hash(cfg)
+        model_hash = untrained_hash(model)
     else:
         data = read_checkpoint(path)
         cfg = RetrievalConfig.from_dict(data["config"])

@@ -82,6 +82,14 @@ class RetrievalModel(nn.Module):
 
     def __init__(self, config: RetrievalConfig | None = None, backbone: nn.Module | None = None) -> None:
         super().__init__()
+        # the untrained heads hold random draws (orthogonal P4/P5 laterals, the MLP's first
+        # layer): fixed here, so that the untrained model is the same in every process (an
+        # index built by one is searched by another) whatever the caller's RNG state
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self._build(config, backbone)
+
+    def _build(self, config: RetrievalConfig | None, backbone: nn.Module | None) -> None:
         self.config = config or RetrievalConfig()
         cfg = self.config
         self.levels = tuple(cfg.levels)

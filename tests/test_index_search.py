@@ -24,7 +24,7 @@ GALLERY = sorted((DEMO / "gallery").glob("*.jpg"))
 
 @pytest.fixture(scope="module")
 def model_hash(model):
-    return untrained_hash(model.config)
+    return untrained_hash(model)
 
 
 @pytest.fixture()
@@ -237,3 +237,22 @@ def test_padded_fine_batches_match_one_image_at_a_time(model, model_hash, tmp_pa
         assert abs(r.score - ref.score) <= 1e-5
         assert all(abs(a - b) <= 1e-2 for a, b in zip(r.box, ref.box))
         assert (r.fused_cells - ref.fused_cells).abs().max() <= 1e-4
+
+
+def test_untrained_model_is_the_same_in_every_process():
+    """The untrained heads include random (orthogonal) FPN projections: they must not depend on
+    the global RNG, or an index built in one process would be searched with other weights."""
+    import torch
+
+    from retrieval.model import RetrievalModel
+
+    torch.manual_seed(1)
+    first = RetrievalModel()
+    torch.manual_seed(2)
+    second = RetrievalModel()
+    a, b = first.head_state_dict(), second.head_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert untrained_hash(first) == untrained_hash(second)
+    with torch.no_grad():
+        second.fpn.inner_blocks[1][0].weight.mul_(1.01)
+    assert untrained_hash(first) != untrained_hash(second)
