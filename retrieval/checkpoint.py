@@ -44,14 +44,17 @@ def file_hash(path: str | os.PathLike, digits: int = 16) -> str:
     return digest.hexdigest()[:digits]
 
 
+# bumped when the untrained heads change: "seeded" since their random parts are drawn under a
+# fixed seed (before, every process drew its own, so an untrained index could not be trusted)
+UNTRAINED_INIT = "seeded-1"
+
+
 def untrained_hash(model: RetrievalModel) -> str:
-    """Names the untrained heads by their config and their actual weights, so that an index
-    built with other initial weights (an older release) is detected as built by another model."""
-    digest = hashlib.sha256(model.config.model_fingerprint().encode())
-    for name, tensor in sorted(model.head_state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return "untrained-" + digest.hexdigest()[:12]
+    """Names the untrained heads by their config and init version, not their bytes: the seeded
+    orthogonal init goes through a QR decomposition whose last bits depend on the thread count
+    and the CPU, which changes nothing a search computes but would change a hash of the weights."""
+    key = model.config.model_fingerprint() + UNTRAINED_INIT
+    return "untrained-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -144,6 +144,7 @@ class MatchBatch:
     region_score: torch.Tensor   # (B,) eq. 5
     fused: torch.Tensor          # (B, 1, H3, W3) fused heatmap, best scale per cell
     per_level: torch.Tensor      # (B, L, H3, W3) per-level heatmaps at each image's best scale
+    level_used: torch.Tensor     # (B, L) bool: levels matched at that scale (False: template too large, map is 0)
     boxes: torch.Tensor          # (B, K, 4) pixel boxes, best first
     box_scores: torch.Tensor     # (B, K) (-inf where fewer than K boxes)
     best_scale: torch.Tensor     # (B,) query scale of the top box
@@ -211,9 +212,10 @@ def match_query(model: RetrievalModel, query: QueryEncoding, gallery: dict[str, 
         for s, t, heat in zip(todo, templates, heats):
             grids[s][li] = resample_heatmap(heat, LEVEL_STRIDES[level], (h3, w3), FINE_STRIDE,
                                             (window_offset(t.shape[-2]), window_offset(t.shape[-1])), own_cells)
-    fused_scales, level_scales = [], []
+    fused_scales, level_scales, used_scales = [], [], []
     for s in range(n_scales):
         usable = [g is not None for g in grids[s]]
+        used_scales.append(usable)
         per_level = torch.cat([g if g is not None else p3.new_zeros(b, 1, h3, w3) for g in grids[s]], dim=1)
         mask = torch.tensor(usable, device=device)
         fused_scales.append(lse_fusion(per_level, model.alpha, gamma_t, mask))
@@ -249,6 +251,8 @@ def match_query(model: RetrievalModel, query: QueryEncoding, gallery: dict[str, 
     chosen = best_scale_idx.view(-1, 1, 1, 1, 1).expand(-1, 1, len(levels), h3, w3)
     per_level = torch.stack(level_scales, dim=1).gather(1, chosen)[:, 0]
     scales_t = torch.tensor(query.scales, device=device)
+    level_used = torch.tensor(used_scales, device=device)[best_scale_idx]            # (B, L)
     return MatchBatch(score=score, peak_score=peak, region_score=regional, fused=fused, per_level=per_level,
+                      level_used=level_used,
                       boxes=boxes, box_scores=box_scores, best_scale=scales_t[best_scale_idx],
                       level_names=tuple(levels))

@@ -44,6 +44,7 @@ class SearchResult:
     level_names: tuple[str, ...]
     fused_cells: torch.Tensor = field(repr=False)       # (H3, W3) fused map on the P3 grid
     level_cells: torch.Tensor = field(repr=False)       # (L, H3, W3)
+    levels_used: tuple[bool, ...] = ()                  # per level: matched at best_scale
 
     def _to_pixels(self, cells: torch.Tensor, size: tuple[int, int] | None) -> np.ndarray:
         width, height = size or self.size
@@ -56,9 +57,11 @@ class SearchResult:
         return self._to_pixels(self.fused_cells.unsqueeze(0), size)[0]
 
     def level_heatmaps(self, size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-        """Per-level heatmaps ``{level: (H, W)}`` at the best query scale."""
+        """Per-level heatmaps ``{level: (H, W)}`` at the best query scale; a level where the
+        query was too large to be matched at that scale is all NaN (it took no part in the fusion)."""
         maps = self._to_pixels(self.level_cells, size)
-        return {name: maps[i] for i, name in enumerate(self.level_names)}
+        return {name: maps[i] if (not self.levels_used or self.levels_used[i]) else np.full_like(maps[i], np.nan)
+                for i, name in enumerate(self.level_names)}
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "score": round(self.score, 6),
@@ -156,7 +159,8 @@ class SearchEngine:
                 best_scale=float(out.best_scale[j]), size=(rec.width, rec.height),
                 stored_size=(rec.stored_width, rec.stored_height), level_names=out.level_names,
                 fused_cells=out.fused[j, 0, :h3, :w3].float().cpu(),
-                level_cells=out.per_level[j, :, :h3, :w3].float().cpu()))
+                level_cells=out.per_level[j, :, :h3, :w3].float().cpu(),
+                levels_used=tuple(bool(u) for u in out.level_used[j])))
         return results
 
 

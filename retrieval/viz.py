@@ -126,7 +126,8 @@ def thumbnail(image: Image.Image, box: Sequence[float] | None, rank: int, score:
 def level_panel(image: Image.Image, level_maps: dict[str, np.ndarray], alpha: float = 0.5, cmap: str = "jet",
                 height: int = 240, gap: int = 6) -> Image.Image:
     """Per-level heatmaps side by side, each overlaid on the image at ``height`` px,
-    titled with the level name and its peak value; every level has its own colour range."""
+    titled with the level name and its peak value; every level has its own colour range.
+    An all-NaN map (a level the query was not matched on) shows the bare image, titled so."""
     img = image.convert("RGB")
     w = max(1, round(img.width * height / img.height))
     small = img.resize((w, height), Image.BILINEAR)
@@ -138,10 +139,14 @@ def level_panel(image: Image.Image, level_maps: dict[str, np.ndarray], alpha: fl
     for i, name in enumerate(names):
         heat = np.asarray(level_maps[name], dtype=np.float32)
         x = i * (w + gap)
-        panel.paste(overlay_heatmap(small, heat, alpha=alpha, cmap=cmap), (x, title_h + 4))
         finite = heat[np.isfinite(heat)]
-        peak = float(finite.max()) if finite.size else float("nan")
-        draw.text((x + 2, 1), f"{name.upper()}  max {peak:.2f}", fill=(0, 0, 0), font=font)
+        if finite.size:
+            panel.paste(overlay_heatmap(small, heat, alpha=alpha, cmap=cmap), (x, title_h + 4))
+            title = f"{name.upper()}  max {float(finite.max()):.2f}"
+        else:
+            panel.paste(small, (x, title_h + 4))
+            title = f"{name.upper()}  not matched (query too large here)"
+        draw.text((x + 2, 1), title, fill=(0, 0, 0), font=font)
     return panel
 
 

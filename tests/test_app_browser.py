@@ -111,7 +111,12 @@ def test_upload_crop_search_and_open_a_result(page):
     _drag(page, (left, top), on_screen(*CAT_BOX[:2]))                     # top-left handle
     _drag(page, (left + (x1 - x0), top + (y1 - y0)), on_screen(*CAT_BOX[2:]))  # bottom-right handle
     editor.locator("button[title='Confirm crop']").click()
-    page.locator("#query-shown img").wait_for()                          # the query as it will be searched
+    # the editor hands the cropped picture to the app asynchronously: wait, as a user would, until
+    # "Query as searched" shows the crop (searching earlier can send the uncropped picture)
+    page.wait_for_function(
+        "() => { const img = document.querySelector('#query-shown img');"
+        " return img && img.complete && Math.abs(img.naturalWidth - 150) <= 12"
+        " && Math.abs(img.naturalHeight - 144) <= 12; }", timeout=TIMEOUT_MS)
 
     page.locator("#search-btn").click()
     status = page.locator("#search-status")

@@ -82,3 +82,20 @@ def test_resample_of_a_zero_padded_batch_matches_each_map_alone():
     assert torch.allclose(out[1:], resample_heatmap(big, 16, (12, 18), 8, (0.5, 0.0)), atol=1e-6)
     unaware = resample_heatmap(batch, 16, (12, 18), 8, (0.5, 0.0))
     assert not torch.allclose(unaware[0, :, :10, :14], alone, atol=1e-3)   # why src_sizes exists
+
+
+def test_levels_a_large_query_skips_are_reported_and_left_out(model):
+    """A 200-px query is 25 P3 cells wide at scale 1: too large for P3 (max_template_cells 24),
+    so P3 must be reported unused there and its map must not count."""
+    rng = torch.Generator().manual_seed(1)
+    gallery = torch.rand(1, 3, 320, 320, generator=rng)
+    patch = Image.fromarray((gallery[0, :, 50:250, 60:260].permute(1, 2, 0).numpy() * 255).astype("uint8"))
+    query = encode_query(model, patch)
+    out = match_query(model, query, model.encode_gallery(gallery), torch.tensor([[320, 320]]))
+    best = min(range(len(query.scales)), key=lambda s: abs(query.scales[s] - float(out.best_scale[0])))
+    limit = model.config.max_template_cells
+    expected = [max(query.templates[best][l].shape[-2:]) <= limit for l in model.levels]
+    assert out.level_used[0].tolist() == expected
+    for s, tpl in enumerate(query.templates):           # at scale ≥ 1 this query is too wide for P3
+        if query.scales[s] >= 1.0:
+            assert max(tpl["p3"].shape[-2:]) > limit

@@ -72,3 +72,11 @@ def test_level_panel_and_score_plot_sizes():
     plot = viz.score_plot([0.9, 0.8, 0.2, 0.1], selected=1, size=(300, 120))
     assert plot.size == (300, 120)
     assert viz.score_plot([], size=(200, 100)).size == (200, 100)
+
+
+def test_level_panel_shows_an_unmatched_level_bare():
+    img = Image.new("RGB", (64, 32), (90, 90, 90))
+    maps = {"p3": np.full((32, 64), np.nan), "p4": np.random.default_rng(1).normal(size=(32, 64))}
+    arr = np.asarray(viz.level_panel(img, maps, height=50, gap=4))
+    assert (arr[-10, 10] == 90).all()             # the P3 tile: the image without colour
+    assert (arr[-10, 110] != 90).any()            # the P4 tile: coloured
