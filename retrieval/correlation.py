@@ -109,9 +109,8 @@ def _direct_is_cheaper(h: int, w: int) -> bool:
     The direct convolution costs ∝ h·w per output cell and hardly depends on the number
     of templates; the FFT path costs a transform of the whole map plus a product summed
     over channels per template. Measured on CPU (1 thread, 32 maps of 64 channels, five
-    templates; benchmarks would show it as fine-stage time): on 60×80 maps, direct 67 ms
-    at 2×2, 107 at 4×4, 126 at 5×5 against the FFT's 103–107; on 30×40 maps the crossing
-    is also near 5×5.
+    templates): on 60×80 maps, direct 67 ms at 2×2, 107 at 4×4, 126 at 5×5 against the
+    FFT's 103–107; on 30×40 maps the crossing is also near 5×5.
     """
     return h * w <= 16
 
