@@ -18,7 +18,8 @@ from .correlation import cosine_cross_correlation_many, window_offset
 from .fusion import lse_fusion, resample_heatmap
 from .images import to_tensor
 from .model import LEVEL_STRIDES, RetrievalModel
-from .regions import find_peaks, peak_boxes, pool_regions, region_score, subcell_peaks, suppress_overlaps
+from .regions import (find_peaks, peak_boxes, pool_regions, rank_boxes, region_score, subcell_peaks,
+                      suppress_overlaps)
 
 FINE_STRIDE = LEVEL_STRIDES["p3"]  # every heatmap is fused on the P3 grid
 
@@ -146,7 +147,7 @@ class MatchBatch:
     per_level: torch.Tensor      # (B, L, H3, W3) per-level heatmaps at each image's best scale
     level_used: torch.Tensor     # (B, L) bool: levels matched at that scale (False: template too large, map is 0)
     boxes: torch.Tensor          # (B, K, 4) pixel boxes, best first
-    box_scores: torch.Tensor     # (B, K) (-inf where fewer than K boxes)
+    box_scores: torch.Tensor     # (B, K) w·peak + (1−w)·<z, r_k>, descending (-inf where fewer than K boxes)
     best_scale: torch.Tensor     # (B,) query scale of the top box
     level_names: tuple[str, ...] = field(default=("p3", "p4", "p5"))
 
@@ -241,10 +242,16 @@ def match_query(model: RetrievalModel, query: QueryEncoding, gallery: dict[str, 
         sizes = torch.tensor(query.patch_size, device=device, dtype=dtype)
         fy, fx = subcell_peaks(fused.detach(), ys, xs, valid)
         boxes = peak_boxes(fy, fx, FINE_STRIDE, sizes[0] * refined, sizes[1] * refined, image_sizes.to(device))
-        boxes, box_scores, box_valid = suppress_overlaps(boxes, peak_vals, cfg.nms_iou, k)
-        best_scale_idx = at_peak[:, 0]
+        boxes, peak_box_scores, box_valid, kept = suppress_overlaps(boxes, peak_vals, cfg.nms_iou, k)
+        box_scale_idx = at_peak.gather(1, kept.clamp_min(0))           # (B, K) scale index of each box
     regions = model.head.embed(pool_regions(p3, boxes, FINE_STRIDE, cfg.roi_size, model.head.gem_p))
     regional = region_score(query.descriptor.to(dtype), regions, box_valid, cfg.region_beta)
+    with torch.no_grad():  # the best box: its peak and how much its region looks like the query
+        sims = torch.einsum("d,bkd->bk", query.descriptor.to(dtype).detach(), regions.detach())
+        box_scores, order = rank_boxes(peak_box_scores, sims, box_valid, cfg.box_weight_peak)
+        boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
+        box_valid = box_valid.gather(1, order)
+        best_scale_idx = box_scale_idx.gather(1, order)[:, 0]
     peak = fused.flatten(1).amax(dim=1)
     w = cfg.score_weight_peak
     score = w * peak + (1.0 - w) * regional

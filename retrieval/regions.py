@@ -103,24 +103,48 @@ def peak_boxes(ys: torch.Tensor, xs: torch.Tensor, stride: float, widths: torch.
 
 
 def suppress_overlaps(boxes: torch.Tensor, scores: torch.Tensor, iou: float,
-                      keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy NMS per image, then the best ``keep``.
 
     Args:
         boxes: ``(B, n, 4)``; scores: ``(B, n)`` (``-inf`` marks an empty slot).
 
     Returns:
-        ``boxes (B, keep, 4)``, ``scores (B, keep)`` (``-inf`` in unused slots), ``valid (B, keep)`` bool.
+        ``boxes (B, keep, 4)``, ``scores (B, keep)`` (``-inf`` in unused slots), ``valid (B, keep)`` bool,
+        ``indices (B, keep)`` of the kept boxes in the input (``-1`` in unused slots).
     """
     b = boxes.shape[0]
     out_boxes = boxes.new_zeros(b, keep, 4)
     out_scores = scores.new_full((b, keep), float("-inf"))
+    out_index = torch.full((b, keep), -1, dtype=torch.long, device=boxes.device)
     for i in range(b):
-        finite = torch.isfinite(scores[i])
-        kept = nms(boxes[i][finite].float(), scores[i][finite].float(), iou)[:keep]
-        out_boxes[i, : len(kept)] = boxes[i][finite][kept]
-        out_scores[i, : len(kept)] = scores[i][finite][kept]
-    return out_boxes, out_scores, torch.isfinite(out_scores)
+        finite = torch.nonzero(torch.isfinite(scores[i]))[:, 0]
+        kept = finite[nms(boxes[i][finite].float(), scores[i][finite].float(), iou)[:keep]]
+        out_boxes[i, : len(kept)] = boxes[i][kept]
+        out_scores[i, : len(kept)] = scores[i][kept]
+        out_index[i, : len(kept)] = kept
+    return out_boxes, out_scores, torch.isfinite(out_scores), out_index
+
+
+def rank_boxes(peak_scores: torch.Tensor, similarities: torch.Tensor, valid: torch.Tensor,
+               weight_peak: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order each image's boxes by ``w · peak + (1 − w) · <z, r_k>``.
+
+    The highest correlation peak is not always the object: a box whose pooled descriptor
+    also resembles the query's is more often right (see ``RetrievalConfig.box_weight_peak``).
+
+    Args:
+        peak_scores: ``(B, K)`` fused-heatmap value at each box's peak.
+        similarities: ``(B, K)`` cosine of the query descriptor z with each box's descriptor r_k.
+        valid: ``(B, K)`` bool; invalid slots go last with score ``-inf``.
+
+    Returns:
+        ``scores (B, K)`` sorted descending, ``order (B, K)`` indices into the input slots.
+    """
+    combined = weight_peak * peak_scores + (1.0 - weight_peak) * similarities
+    combined = torch.where(valid, combined, torch.full_like(combined, float("-inf")))
+    scores, order = combined.sort(dim=1, descending=True, stable=True)
+    return scores, order
 
 
 def pool_regions(features: torch.Tensor, boxes: torch.Tensor, stride: float, roi_size: int,

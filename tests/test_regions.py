@@ -1,4 +1,5 @@
 """Peak finding and box placement on the heatmap grid."""
+import pytest
 import torch
 
 from retrieval.regions import find_peaks, peak_boxes, subcell_peaks
@@ -36,3 +37,28 @@ def test_peak_boxes_are_centred_on_fractional_cells():
                        torch.tensor([[8.0]]), torch.tensor([[100, 100]]))
     cx, cy = (3.5 + 0.5) * 8, (2.25 + 0.5) * 8
     assert torch.allclose(boxes[0, 0], torch.tensor([cx - 8, cy - 4, cx + 8, cy + 4]))
+
+
+def test_suppress_overlaps_keeps_the_best_and_says_which():
+    from retrieval.regions import suppress_overlaps
+
+    boxes = torch.tensor([[[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [0, 0, 1, 1]]], dtype=torch.float32)
+    scores = torch.tensor([[0.5, 0.9, 0.7, float("-inf")]])
+    kept, kept_scores, valid, index = suppress_overlaps(boxes, scores, iou=0.3, keep=3)
+    assert index.tolist() == [[1, 2, -1]]
+    assert torch.equal(kept[0, :2], boxes[0, [1, 2]]) and kept_scores[0, :2].tolist() == pytest.approx([0.9, 0.7])
+    assert valid.tolist() == [[True, True, False]]
+
+
+def test_rank_boxes_weighs_peak_and_region_similarity():
+    from retrieval.regions import rank_boxes
+
+    peaks = torch.tensor([[0.80, 0.78, 0.90]])
+    sims = torch.tensor([[0.20, 0.90, 0.50]])
+    valid = torch.tensor([[True, True, False]])
+    scores, order = rank_boxes(peaks, sims, valid, weight_peak=0.8)
+    assert order.tolist() == [[1, 0, 2]]                      # .804 beats .68; the invalid slot goes last
+    assert scores[0, :2].tolist() == pytest.approx([0.8 * 0.78 + 0.2 * 0.9, 0.8 * 0.8 + 0.2 * 0.2])
+    assert scores[0, 2] == float("-inf")
+    _, by_peak = rank_boxes(peaks, sims, valid, weight_peak=1.0)
+    assert by_peak.tolist() == [[0, 1, 2]]
