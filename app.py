@@ -134,7 +134,7 @@ def _detail(store: GalleryStore, payload: dict | None, i: int, alpha: float, cma
             f"coarse score {r.coarse_score:.3f} (best region, first stage) · fine score {r.score:.3f} = "
             f"peak of the fused heatmap {r.peak_score:.3f} and region score (eq. 5) {r.region_score:.3f} · "
             f"best query scale ×{r.best_scale:g} · image {r.size[0]}×{r.size[1]} px\n\n"
-            f"| box | x0, y0, x1, y1 (px) | score |\n|---|---|---|\n{rows}")
+            f"| box | x0, y0, x1, y1 (px) | box score (peak and look-alike) |\n|---|---|---|\n{rows}")
     plot = viz.score_plot([x.score for x in results], selected=i)
     return overlay, panel, text, plot
 
