@@ -49,11 +49,11 @@ def file_hash(path: str | os.PathLike, digits: int = 16) -> str:
 UNTRAINED_INIT = "seeded-1"
 
 
-def untrained_hash(model: RetrievalModel) -> str:
+def untrained_hash(config: RetrievalConfig) -> str:
     """Names the untrained heads by their config and init version, not their bytes: the seeded
     orthogonal init goes through a QR decomposition whose last bits depend on the thread count
     and the CPU, which changes nothing a search computes but would change a hash of the weights."""
-    key = model.config.model_fingerprint() + UNTRAINED_INIT
+    key = config.model_fingerprint() + UNTRAINED_INIT
     return "untrained-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -122,7 +122,7 @@ def load_model(checkpoint: str | os.PathLike | None = "default", device: str | t
     if path is None:
         cfg = config or RetrievalConfig()
         model = RetrievalModel(cfg)
-        model_hash = untrained_hash(model)
+        model_hash = untrained_hash(cfg)
     else:
         data = read_checkpoint(path)
         cfg = RetrievalConfig.from_dict(data["config"])

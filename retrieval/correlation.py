@@ -126,10 +126,9 @@ def _centred_in(templates: list[torch.Tensor], h: int, w: int) -> torch.Tensor:
     return out
 
 
-def _same_numerators_direct(features: torch.Tensor, units: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``(B, C, H, W)`` × unit templates → per template ``(B, 1, H, W)`` ``same`` numerators, one conv."""
-    h = max(t.shape[-2] for t in units)
-    w = max(t.shape[-1] for t in units)
+def _same_numerators_direct(features: torch.Tensor, units: list[torch.Tensor], h: int, w: int) -> list[torch.Tensor]:
+    """``(B, C, H, W)`` × unit templates (at most ``h×w``) → per template ``(B, 1, H, W)`` ``same``
+    numerators, one conv."""
     out = F.conv2d(F.pad(features, same_padding(h, w)), _centred_in(units, h, w))   # (B, T, H, W)
     return list(out.split(1, dim=1))
 
@@ -150,12 +149,10 @@ def channel_products(spectra: torch.Tensor, kernels: torch.Tensor) -> torch.Tens
     return out
 
 
-def _same_numerators_fft(features: torch.Tensor, units: list[torch.Tensor]) -> list[torch.Tensor]:
+def _same_numerators_fft(features: torch.Tensor, units: list[torch.Tensor], h: int, w: int) -> list[torch.Tensor]:
     """As :func:`_same_numerators_direct` through one FFT of the maps, one product for all
     templates and one batched inverse transform."""
     b, c, height, width = features.shape
-    h = max(t.shape[-2] for t in units)
-    w = max(t.shape[-1] for t in units)
     fh, fw = _fft_size(height + h - 1), _fft_size(width + w - 1)
     flipped = units[0].new_zeros(len(units), c, h, w)
     for i, t in enumerate(units):
@@ -197,8 +194,9 @@ def cosine_cross_correlation_many(features: torch.Tensor, templates: list[torch.
     units = [templates[i] / templates[i].flatten().norm().clamp_min(eps) for i in fits]
     pad = max(max(t.shape[-2:]) for t in units)
     table = _integral(features.pow(2).sum(dim=1), pad)
-    direct = _direct_is_cheaper(max(t.shape[-2] for t in units), max(t.shape[-1] for t in units))
-    numerators = (_same_numerators_direct if direct else _same_numerators_fft)(features, units)
+    h_max, w_max = max(t.shape[-2] for t in units), max(t.shape[-1] for t in units)
+    numerators = (_same_numerators_direct if _direct_is_cheaper(h_max, w_max) else _same_numerators_fft)(
+        features, units, h_max, w_max)
     for i, t, numerator in zip(fits, units, numerators):
         h, w = t.shape[-2:]
         if padding == "valid":  # valid window j is the same-padded output cell j + (h − 1) // 2

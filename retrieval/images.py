@@ -224,14 +224,12 @@ def padded_batches(sizes: Sequence[tuple[int, int]], batch_size: int,
     max_w = max_h = area = 0
     for i in order:
         w, h = sizes[i]
-        grown_w, grown_h = max(max_w, w), max(max_h, h)
-        fits = (len(batch) < batch_size
-                and grown_w * grown_h * (len(batch) + 1) <= (1.0 + max_padding) * (area + w * h))
-        if batch and not fits:
+        padded = max(max_w, w) * max(max_h, h) * (len(batch) + 1)
+        if batch and (len(batch) >= batch_size or padded > (1.0 + max_padding) * (area + w * h)):
             batches.append(batch)
-            batch, max_w, max_h, area, grown_w, grown_h = [], 0, 0, 0, w, h
+            batch, max_w, max_h, area = [], 0, 0, 0
         batch.append(i)
-        max_w, max_h, area = grown_w, grown_h, area + w * h
+        max_w, max_h, area = max(max_w, w), max(max_h, h), area + w * h
     if batch:
         batches.append(batch)
     return batches

@@ -245,10 +245,10 @@ def match_query(model: RetrievalModel, query: QueryEncoding, gallery: dict[str, 
         boxes, peak_box_scores, box_valid, kept = suppress_overlaps(boxes, peak_vals, cfg.nms_iou, k)
         box_scale_idx = at_peak.gather(1, kept.clamp_min(0))           # (B, K) scale index of each box
     regions = model.head.embed(pool_regions(p3, boxes, FINE_STRIDE, cfg.roi_size, model.head.gem_p))
-    regional = region_score(query.descriptor.to(dtype), regions, box_valid, cfg.region_beta)
+    sims = torch.einsum("d,bkd->bk", query.descriptor.to(dtype), regions)    # (B, K) <z, r_k>
+    regional = region_score(sims, box_valid, cfg.region_beta)
     with torch.no_grad():  # the best box: its peak and how much its region looks like the query
-        sims = torch.einsum("d,bkd->bk", query.descriptor.to(dtype).detach(), regions.detach())
-        box_scores, order = rank_boxes(peak_box_scores, sims, box_valid, cfg.box_weight_peak)
+        box_scores, order = rank_boxes(peak_box_scores, sims.detach(), box_valid, cfg.box_weight_peak)
         boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
         box_valid = box_valid.gather(1, order)
         best_scale_idx = box_scale_idx.gather(1, order)[:, 0]

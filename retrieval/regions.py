@@ -167,23 +167,18 @@ def pool_regions(features: torch.Tensor, boxes: torch.Tensor, stride: float, roi
     return gem(pooled, p).view(b, k, -1)
 
 
-def region_score(z: torch.Tensor, regions: torch.Tensor, valid: torch.Tensor,
-                 beta: float) -> torch.Tensor:
+def region_score(similarities: torch.Tensor, valid: torch.Tensor, beta: float) -> torch.Tensor:
     """Eq. 5, a mean-normalised log-sum-exp over a image's regions.
 
     Args:
-        z: ``(D,)`` or ``(B, D)`` L2-normalised query descriptor.
-        regions: ``(B, K, D)`` L2-normalised region descriptors.
+        similarities: ``(B, K)`` ⟨z, r_k⟩ of the L2-normalised query and region descriptors.
         valid: ``(B, K)`` bool; images with no valid region score -1.
         beta: LSE temperature (large → max, small → mean).
 
     Returns:
         ``(B,)`` image scores.
     """
-    if z.dim() == 1:
-        z = z.unsqueeze(0).expand(regions.shape[0], -1)
-    sims = torch.einsum("bd,bkd->bk", z, regions)
-    sims = sims.masked_fill(~valid, float("-inf"))
+    sims = similarities.masked_fill(~valid, float("-inf"))
     count = valid.sum(dim=1).clamp_min(1).to(sims.dtype)
     score = (torch.logsumexp(beta * sims, dim=1) - torch.log(count)) / beta
     return torch.where(valid.any(dim=1), score, torch.full_like(score, -1.0))

@@ -44,7 +44,7 @@ class SearchResult:
     level_names: tuple[str, ...]
     fused_cells: torch.Tensor = field(repr=False)       # (H3, W3) fused map on the P3 grid
     level_cells: torch.Tensor = field(repr=False)       # (L, H3, W3)
-    levels_used: tuple[bool, ...] = ()                  # per level: matched at best_scale
+    levels_used: tuple[bool, ...]                       # per level: matched at best_scale
 
     def _to_pixels(self, cells: torch.Tensor, size: tuple[int, int] | None) -> np.ndarray:
         width, height = size or self.size
@@ -60,7 +60,7 @@ class SearchResult:
         """Per-level heatmaps ``{level: (H, W)}`` at the best query scale; a level where the
         query was too large to be matched at that scale is all NaN (it took no part in the fusion)."""
         maps = self._to_pixels(self.level_cells, size)
-        return {name: maps[i] if (not self.levels_used or self.levels_used[i]) else np.full_like(maps[i], np.nan)
+        return {name: maps[i] if self.levels_used[i] else np.full_like(maps[i], np.nan)
                 for i, name in enumerate(self.level_names)}
 
     def to_json(self) -> dict:
