@@ -6,7 +6,7 @@ Gallery images are real photos (the demo gallery, and tracking_dev's frames when
 ../shared/data is present) with random crops, flips and colour changes, written as
 JPEGs and indexed with the real builder. The 10,000 gallery is the encoded 1,000
 gallery repeated ten times, each copy's region descriptors perturbed (and
-renormalised) so that FAISS sees 10,000 distinct images; its feature store points at
+renormalised) so that the coarse stage sees 10,000 distinct images; its feature store points at
 the same chunks, so its build rate and bytes per image are those of the 1,000 build.
 Prints a table and writes benchmarks/results/search_speed.json.
 """
@@ -62,7 +62,7 @@ def make_gallery(folder: Path, n: int, sources: list[Path], rng: random.Random) 
 
 
 def replicate(index: GalleryIndex, times: int, rng: np.random.Generator, noise: float = 0.05) -> GalleryIndex:
-    """An in-memory index of ``times`` perturbed copies (shared feature chunks, new FAISS)."""
+    """An in-memory index of ``times`` perturbed copies (shared feature chunks, new region vectors)."""
     vectors, _ = index.region_vectors()
     copies = [vectors] + [vectors + rng.normal(0, noise, vectors.shape).astype(np.float32) for _ in range(times - 1)]
     allv = np.concatenate(copies)
@@ -107,7 +107,7 @@ def main() -> None:
         b = built[n].storage_bytes()
         build_stats[n] = {"build_images_per_s": report.images_per_second,
                           "feature_bytes_per_image": b["features"] / n,
-                          "faiss_bytes_per_image": (b["faiss"] + b["regions"]) / n}
+                          "coarse_bytes_per_image": (b["faiss"] + b["regions"]) / n}
     qrng = random.Random(1)
     query_patches = []
     for _ in range(args.queries):
@@ -127,10 +127,12 @@ def main() -> None:
             index, vectors, owners = replicate(built[1000], times, np.random.default_rng(0))
             stats = build_stats[1000]
             note = f"1,000 encoded × {times}"
-        flat = build_faiss(vectors, "flat")
         hnsw = build_faiss(vectors, "hnsw") if len(vectors) > index.config.exact_index_max else None
-        kind = "hnsw" if hnsw is not None else "flat"
-        index.use_coarse_index(hnsw if hnsw is not None else flat, owners)
+        kind = "hnsw" if hnsw is not None else "exact"
+        if hnsw is not None:
+            index.use_coarse_index(hnsw, owners)
+        elif note != "encoded":
+            index.use_region_vectors(vectors, owners)
         engine = SearchEngine(index, model, device)
         descs = [encode_query(model, p, device=device).descriptor.cpu().numpy() for p in query_patches]
         it = iter(range(10**9))
@@ -139,16 +141,16 @@ def main() -> None:
         full = timed(lambda: engine.search(query_patches[next(it2) % len(query_patches)], top=20,
                                            rerank=args.rerank), len(query_patches))
         qv = np.stack(descs).astype(np.float32)
-        recall = coarse_recall(flat, hnsw, qv) if hnsw is not None else 1.0
+        recall = coarse_recall(build_faiss(vectors, "flat"), hnsw, qv) if hnsw is not None else 1.0
         c50, c95 = p50_p95(coarse)
         f50, f95 = p50_p95(full)
-        rows.append({"images": n, "gallery": note, "faiss": kind, "regions": len(vectors), **stats,
+        rows.append({"images": n, "gallery": note, "coarse": kind, "regions": len(vectors), **stats,
                      "coarse_p50_ms": c50, "coarse_p95_ms": c95, "search_p50_ms": f50, "search_p95_ms": f95,
                      "approx_recall@100": recall})
         print(f"{n}: coarse p50 {c50:.1f} ms, coarse+fine p50 {f50:.0f} ms", flush=True)
     env = environment(device)
-    cols = [("images", "{:,}"), ("gallery", "{}"), ("faiss", "{}"), ("build_images_per_s", "{:.1f}"),
-            ("feature_bytes_per_image", "{:,.0f}"), ("faiss_bytes_per_image", "{:,.0f}"),
+    cols = [("images", "{:,}"), ("gallery", "{}"), ("coarse", "{}"), ("build_images_per_s", "{:.1f}"),
+            ("feature_bytes_per_image", "{:,.0f}"), ("coarse_bytes_per_image", "{:,.0f}"),
             ("coarse_p50_ms", "{:.1f}"), ("coarse_p95_ms", "{:.1f}"), ("search_p50_ms", "{:.0f}"),
             ("search_p95_ms", "{:.0f}"), ("approx_recall@100", "{:.3f}")]
     print(f"\n{env['device']} — {env['cpu']}, {env['threads']} threads; rerank {args.rerank}, "

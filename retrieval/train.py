@@ -670,7 +670,7 @@ face-recognition or identification system and was not evaluated as one.
 ## Results on the held-out sequences
 `manifest.json` restricted to the held-out sequences: {meta['heldout_gallery']} gallery images,
 {meta['heldout_queries']} queries. Fine stage = eq. 3–5 of every query against every held-out
-image; coarse mAP = ranking by the best coarse-region descriptor alone (whole image + 64/128/256 px windows, as the index stores them).
+image; coarse mAP = ranking by the best coarse-region descriptor alone (whole image + {'/'.join(str(w) for w in meta['model_config']['coarse_windows'])} px windows, as the index stores them).
 
 {chr(10).join(table)}
 

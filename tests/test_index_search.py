@@ -17,7 +17,7 @@ from conftest import DEMO, ROOT
 from retrieval import build as build_module
 from retrieval.build import build_index, extract_zip, remove_images
 from retrieval.checkpoint import untrained_hash
-from retrieval.index import GalleryIndex, ModelMismatch
+from retrieval.index import GalleryIndex, ModelMismatch, build_faiss
 from retrieval.search import SearchEngine
 
 GALLERY = sorted((DEMO / "gallery").glob("*.jpg"))
@@ -75,9 +75,16 @@ def test_coarse_regions_and_their_boxes(model, model_hash, small_gallery, tmp_pa
     images, scores, regions = index.coarse_search_regions(query, len(index))
     assert sorted(images.tolist()) == list(range(len(index)))
     assert np.array_equal(index.coarse_search(query, len(index))[0], images)
-    via_faiss = index.coarse_search_regions(query, len(index) - 1)     # FAISS path (all but one image)
-    assert np.array_equal(via_faiss[0], images[:-1]) and np.array_equal(via_faiss[2], regions[:-1])
-    assert np.allclose(via_faiss[1], scores[:-1], atol=1e-5)
+    shortlist = index.coarse_search_regions(query, len(index) - 1)     # all but one image
+    assert np.array_equal(shortlist[0], images[:-1]) and np.array_equal(shortlist[2], regions[:-1])
+    assert np.allclose(shortlist[1], scores[:-1], atol=1e-5)
+    index.use_coarse_index(build_faiss(vectors, "hnsw"), owners)         # the HNSW path of large galleries
+    via_hnsw = index.coarse_search_regions(query, len(index) - 1)
+    # approximate: distinct images, best first, each score that of the region it names, the top one exact
+    assert len(set(via_hnsw[0].tolist())) == len(index) - 1 and np.all(np.diff(via_hnsw[1]) <= 1e-6)
+    for img, score, region in zip(*via_hnsw):
+        assert abs(float(vectors[owners == img][region] @ query) - float(score)) < 1e-5
+    assert via_hnsw[0][0] == images[0] and via_hnsw[2][0] == regions[0]
     for img, score, region in zip(images, scores, regions):
         own = vectors[owners == img] @ query
         assert int(np.argmax(own)) == region and abs(float(own.max()) - float(score)) < 1e-5
@@ -86,6 +93,30 @@ def test_coarse_regions_and_their_boxes(model, model_hash, small_gallery, tmp_pa
         assert torch.allclose(torch.tensor(index.region_box(int(img), int(region))), expected)
         box = index.region_box(int(img), int(region))
         assert 0 <= box[0] < box[2] <= rec.width + 1e-3 and 0 <= box[1] < box[3] <= rec.height + 1e-3
+
+
+def test_index_with_float32_regions_and_flat_faiss_file_still_searches(model, model_hash, small_gallery, tmp_path):
+    """Indexes written before regions were stored as float16 (and flat ones with a FAISS file)
+    keep working: same ranking, same best regions."""
+    import faiss
+
+    root = tmp_path / "idx"
+    build_index(root, small_gallery, model, model_hash, show_bar=False)
+    index = GalleryIndex.open(root)
+    vectors, owners = index.region_vectors()
+    query = vectors[5] / np.linalg.norm(vectors[5])
+    expected = index.coarse_search_regions(query, 4)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["faiss_file"] is None and not list(root.glob("*.faiss"))
+    for f in (root / "chunks").glob("*.regions.npy"):
+        assert np.load(f).dtype == np.float16
+        np.save(f, np.load(f).astype(np.float32))
+    faiss.write_index(build_faiss(vectors, "flat"), str(root / "regions-1-old.faiss"))
+    manifest["faiss_file"] = "regions-1-old.faiss"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    old = GalleryIndex.open(root).coarse_search_regions(query, 4)
+    assert np.array_equal(old[0], expected[0]) and np.array_equal(old[2], expected[2])
+    assert np.allclose(old[1], expected[1], atol=1e-3)
 
 
 def test_incremental_add_encodes_only_new_files(model, model_hash, small_gallery, tmp_path, monkeypatch):

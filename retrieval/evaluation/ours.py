@@ -41,7 +41,7 @@ class OursMethod:
         sizes = index.storage_bytes()
         stats = {"seconds": report.seconds, "bytes_per_image": sum(sizes.values()) / max(1, len(index)),
                  "feature_bytes_per_image": sizes["features"] / max(1, len(index)),
-                 "faiss_bytes_per_image": (sizes["faiss"] + sizes["regions"]) / max(1, len(index))}
+                 "coarse_bytes_per_image": (sizes["faiss"] + sizes["regions"]) / max(1, len(index))}
         if report.unchanged:
             stats["reused_index"] = True
         return stats
@@ -64,7 +64,7 @@ class OursMethod:
         shortlisted = {r.index for r in response.results}
         if len(shortlisted) < n:
             # the rest in coarse order, below every re-ranked image; the fine stage never saw
-            # them, so their box is the best-matching coarse region's (a window of 64–256 px)
+            # them, so their box is the best-matching coarse region's (a window of 32–256 px)
             rest, coarse, regions = index.coarse_search_regions(response.descriptor, n)
             floor = min((r["score"] for r in ranking), default=0.0) - 1.0
             ranking += [{"id": index.images[int(i)].path, "score": floor - 1.0 + float(s) / 10,
