@@ -93,6 +93,10 @@ class ImageRecord:
         return dict(self.__dict__)
 
 
+# float16 products of unit vectors are within this of the float32 ones (rounding to 11 bits, ≤ 2^-11)
+_FP16_MARGIN = 2e-3
+
+
 def choose_faiss_type(n_vectors: int, config: RetrievalConfig) -> str:
     return "flat" if n_vectors <= config.exact_index_max else "hnsw"
 
@@ -277,21 +281,33 @@ class GalleryIndex:
     def _exact_coarse(self, descriptor: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The best ``n_images`` images by their best region, by brute force over every stored region vector.
 
-        The vectors stay in RAM as float16 (half of float32's footprint) and are widened a slice at a
-        time; a gallery of 1,000 640×480 images (1.5 M vectors) takes about 30 ms on one core.
+        The vectors stay in RAM as float16, half of float32's footprint. One float16 product over all
+        of them (as fast as float32 on a CPU, but rounded to about 5e-4) picks the candidates: every
+        image within ``_FP16_MARGIN`` of the n-th best. The candidates are then re-scored in float32,
+        so the ranking, the scores and the best regions are exact.
         """
         if self._exact is None:
             vectors, owners = self.region_vectors()
             self._exact = (torch.from_numpy(vectors).half(), np.searchsorted(owners, np.arange(len(self.images))))
         vectors, first = self._exact
         query = torch.as_tensor(np.asarray(descriptor, dtype=np.float32).reshape(-1))
-        scores = torch.cat([part.float() @ query for part in vectors.split(1 << 20)]).numpy()
+        rough = (vectors @ query.half()).float().numpy()
         # every image has at least its whole-image region, so each slice is non-empty
-        best = np.maximum.reduceat(scores, first)
-        ranked = np.argsort(-best, kind="stable")[:n_images]
-        ends = np.r_[first[1:], len(scores)]
-        regions = np.array([int(np.argmax(scores[first[i]:ends[i]])) for i in ranked], np.int64)
-        return ranked.astype(np.int64), best[ranked].astype(np.float32), regions
+        rough_best = np.maximum.reduceat(rough, first)
+        n = min(n_images, len(first))
+        candidates = np.arange(len(first))
+        if n < len(first):
+            nth = -np.partition(-rough_best, n - 1)[n - 1]
+            candidates = np.nonzero(rough_best >= nth - _FP16_MARGIN)[0]
+        ends = np.r_[first[1:], len(vectors)]
+        best = np.empty(len(candidates), np.float32)
+        regions = np.empty(len(candidates), np.int64)
+        for j, i in enumerate(candidates):
+            scores = vectors[first[i]:ends[i]].float() @ query
+            regions[j] = int(torch.argmax(scores))
+            best[j] = float(scores[regions[j]])
+        order = np.argsort(-best, kind="stable")[:n]
+        return candidates[order].astype(np.int64), best[order], regions[order]
 
     def region_box(self, image: int, region: int) -> list[float]:
         """Box ``[x0, y0, x1, y1]`` in original pixels of coarse region ``region`` of image ``image``."""
