@@ -84,7 +84,7 @@ def cmd_info(args) -> int:
     print(f"index        {index.root}")
     print(f"images       {len(index)}   skipped {len(m.get('skipped', []))}")
     print(f"model        {m['model_hash']}   backbone {index.config.backbone}")
-    print(f"faiss        {m.get('faiss_type')}   {m.get('counts', {}).get('regions', 0)} region vectors")
+    print(f"coarse       {m.get('faiss_type')}   {m.get('counts', {}).get('regions', 0)} region vectors")
     print(f"bytes/image  features {sizes['features'] / n:,.0f}   regions {sizes['regions'] / n:,.0f}   "
           f"faiss {sizes['faiss'] / n:,.0f}")
     print(f"created      {m.get('created')}   updated {m.get('updated')}   build {m.get('build_seconds', 0):.1f} s")

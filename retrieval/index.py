@@ -3,7 +3,7 @@
 ``gallery_index/<name>/`` holds
 
     manifest.json          format, model hash, config, images (path, sizes, content hash,
-                           where their features live), skipped files, counts, FAISS type
+                           where their features live), skipped files, counts, coarse type (exact or hnsw)
     chunks/<id>.f16        ψ(P3/P4/P5) maps of a batch of images, fp16, memory-mapped
     chunks/<id>.regions.npy  (R, C) float16 region descriptors of the same images (older indexes: float32)
     regions-<gen>.faiss    FAISS HNSW graph over all region descriptors, only for galleries with more
@@ -97,8 +97,9 @@ class ImageRecord:
 _FP16_MARGIN = 2e-3
 
 
-def choose_faiss_type(n_vectors: int, config: RetrievalConfig) -> str:
-    return "flat" if n_vectors <= config.exact_index_max else "hnsw"
+def choose_coarse_type(n_vectors: int, config: RetrievalConfig) -> str:
+    """``exact`` (every stored region vector ranked) or ``hnsw`` (a FAISS graph, for very large galleries)."""
+    return "exact" if n_vectors <= config.exact_index_max else "hnsw"
 
 
 def build_faiss(vectors: np.ndarray, kind: str) -> faiss.Index:
@@ -257,8 +258,9 @@ class GalleryIndex:
         total = index.ntotal
         # vectors are stored image after image, so an image's regions start where its owner id first appears
         first_vector = np.searchsorted(owners, np.arange(len(self.images)))
-        per_image = max(1, total // max(1, len(self.images)))
-        k = min(total, max(64, n_images * per_image))
+        # the first hit of each image among the top-k vectors is its best region, and an image with no hit
+        # ranks below all that have one: grow k until n images are hit
+        k = min(total, max(64, 4 * n_images))
         query = np.ascontiguousarray(descriptor.reshape(1, -1), dtype=np.float32)
         while True:
             scores, ids = index.search(query, k)
@@ -380,10 +382,10 @@ class GalleryIndex:
         self.images = images
         self._faiss, self._region_image, self._chunks = None, None, {}
         vectors, _ = self.region_vectors()
-        kind = self.manifest.get("faiss_type_forced") or choose_faiss_type(len(vectors), self.config)
+        kind = choose_coarse_type(len(vectors), self.config)
         generation = int(self.manifest.get("generation", 0)) + 1
         faiss_name, index = None, None
-        if kind != "flat":  # a flat index would only duplicate the vectors the exact ranking reads
+        if kind == "hnsw":  # (indexes written before 2026-11-23 also hold a flat FAISS copy; it is ignored)
             faiss_name = f"regions-{generation}-{uuid.uuid4().hex[:6]}.faiss"
             index = build_faiss(vectors, kind)
             _write_file(self.root / faiss_name, faiss.serialize_index(index).tobytes())

@@ -36,7 +36,7 @@ def test_search_json_and_info(index):
     assert len(results) == 3 and set(results[0]) == {"path", "score", "box"}
     assert results[0]["score"] >= results[1]["score"] >= results[2]["score"]
     info = run("info", "--index", str(index))
-    assert info.returncode == 0 and "images       4" in info.stdout and "flat" in info.stdout
+    assert info.returncode == 0 and "images       4" in info.stdout and "exact" in info.stdout
 
 
 def test_clear_errors(index, tmp_path):

@@ -50,7 +50,7 @@ def test_build_search_reopen_identical(model, model_hash, small_gallery, tmp_pat
     again = _search(SearchEngine(GalleryIndex.open(root, model_hash=model_hash), model))
     assert first == again and len(first) == 5
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["model_hash"] == model_hash and manifest["faiss_type"] == "flat"
+    assert manifest["model_hash"] == model_hash and manifest["faiss_type"] == "exact"
     assert {"path", "sha", "width", "height"} <= set(manifest["images"][0])
     resp = SearchEngine(GalleryIndex.open(root), model).search(DEMO / "queries" / "cat_face.jpg", top=2)
     r = resp.results[0]
@@ -93,6 +93,24 @@ def test_coarse_regions_and_their_boxes(model, model_hash, small_gallery, tmp_pa
         assert torch.allclose(torch.tensor(index.region_box(int(img), int(region))), expected)
         box = index.region_box(int(img), int(region))
         assert 0 <= box[0] < box[2] <= rec.width + 1e-3 and 0 <= box[1] < box[3] <= rec.height + 1e-3
+
+
+def test_large_gallery_goes_through_an_hnsw_file(model, model_hash, small_gallery, tmp_path, monkeypatch):
+    """Above ``exact_index_max`` region vectors a FAISS HNSW file is written, reopened and searched;
+    its best image is the exact ranking's."""
+    root = tmp_path / "idx"
+    monkeypatch.setattr(model, "config", model.config.replace(exact_index_max=100))
+    build_index(root, small_gallery, model, model_hash, show_bar=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["faiss_type"] == "hnsw" and (root / manifest["faiss_file"]).is_file()
+    index = GalleryIndex.open(root)
+    assert index.uses_faiss()
+    vectors, _ = index.region_vectors()
+    query = vectors[7] / np.linalg.norm(vectors[7])
+    images, scores, regions = index.coarse_search_regions(query, 3)
+    exact = index._exact_coarse(query, 3)
+    assert len(images) == 3 and images[0] == exact[0][0] and regions[0] == exact[2][0]
+    assert abs(float(scores[0]) - float(exact[1][0])) < 1e-5
 
 
 def test_index_with_float32_regions_and_flat_faiss_file_still_searches(model, model_hash, small_gallery, tmp_path):
