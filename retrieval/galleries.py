@@ -2,7 +2,7 @@
 
 Layout of a user gallery (the folder is also its index root, see ``index.py``)::
 
-    <data_dir>/<name>/manifest.json, chunks/, regions-*.faiss   the index
+    <data_dir>/<name>/manifest.json, chunks/ (+ regions-*.faiss)  the index
     <data_dir>/<name>/files/…                                    the uploaded images
 
 Uploads are copied into ``files/`` under sanitised names (zips through

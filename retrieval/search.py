@@ -1,9 +1,10 @@
 """Coarse-to-fine search over a :class:`GalleryIndex`.
 
-1. coarse: the query descriptor z against every stored region vector (FAISS); an
-   image scores its best region; the best ``rerank`` images go on;
+1. coarse: the query descriptor z against every stored region vector (exactly; a FAISS
+   HNSW graph for very large galleries); an image scores its best region; the best
+   ``rerank`` images go on;
 2. fine: eq. 3–5 against those images' stored ψ maps (memory-mapped, no backbone pass
-   on the gallery), in same-size batches; results sorted by the fine score.
+   on the gallery), in batches of similar size; results sorted by the fine score.
 Heatmaps stay on the P3 grid until a caller asks for them at image size.
 """
 from __future__ import annotations
