@@ -301,15 +301,17 @@ class GalleryIndex:
         if n < len(first):
             nth = -np.partition(-rough_best, n - 1)[n - 1]
             candidates = np.nonzero(rough_best >= nth - _FP16_MARGIN)[0]
-        ends = np.r_[first[1:], len(vectors)]
-        best = np.empty(len(candidates), np.float32)
-        regions = np.empty(len(candidates), np.int64)
-        for j, i in enumerate(candidates):
-            scores = vectors[first[i]:ends[i]].float() @ query
-            regions[j] = int(torch.argmax(scores))
-            best[j] = float(scores[regions[j]])
+        counts = (np.r_[first[1:], len(vectors)] - first)[candidates]
+        starts = np.r_[0, np.cumsum(counts)[:-1]]                  # each candidate's slice in `rows`
+        rows = np.repeat(first[candidates] - starts, counts) + np.arange(counts.sum())
+        scores = (vectors[torch.from_numpy(rows)].float() @ query).numpy()
+        best = np.maximum.reduceat(scores, starts)
+        segment = np.repeat(np.arange(len(candidates)), counts)
+        at_max = np.flatnonzero(scores == best[segment])
+        _, first_max = np.unique(segment[at_max], return_index=True)  # the first best region of each
+        regions = at_max[first_max] - starts
         order = np.argsort(-best, kind="stable")[:n]
-        return candidates[order].astype(np.int64), best[order], regions[order]
+        return candidates[order].astype(np.int64), best[order].astype(np.float32), regions[order].astype(np.int64)
 
     def region_box(self, image: int, region: int) -> list[float]:
         """Box ``[x0, y0, x1, y1]`` in original pixels of coarse region ``region`` of image ``image``."""
