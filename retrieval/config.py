@@ -63,7 +63,7 @@ class RetrievalConfig:
     coarse_windows: tuple[int, ...] = (32, 64, 128, 256)
     rerank: int = 100              # images passed from the coarse to the fine stage
     # up to this many region vectors (~128 B each in RAM, fp16) the coarse stage ranks them all exactly
-    # (1,000 images of 640x480: 1.5 M vectors, ~17 ms); above it a FAISS HNSW graph (slow to build)
+    # (1,000 images of 640x480: 1.5 M vectors, ~35 ms on one core); above it a FAISS HNSW graph (slow to build)
     exact_index_max: int = 16_000_000
 
     # --- bookkeeping --------------------------------------------------------
