@@ -97,6 +97,12 @@ class ImageRecord:
 _FP16_MARGIN = 2e-3
 
 
+def first_rows(owners: np.ndarray, n_images: int) -> np.ndarray:
+    """``(n_images,)`` row of each image's first region vector, given the ``(N,)`` owner of each
+    (sorted: vectors are stored image after image)."""
+    return np.searchsorted(owners, np.arange(n_images))
+
+
 def choose_coarse_type(n_vectors: int, config: RetrievalConfig) -> str:
     """``exact`` (every stored region vector ranked) or ``hnsw`` (a FAISS graph, for very large galleries)."""
     return "exact" if n_vectors <= config.exact_index_max else "hnsw"
@@ -233,7 +239,7 @@ class GalleryIndex:
         ones (benchmarks that simulate a larger gallery)."""
         self._faiss = None
         self._exact = (torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).half(),
-                       np.searchsorted(owners, np.arange(len(self.images))))
+                       first_rows(owners, len(self.images)))
 
     def coarse_search(self, descriptor: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
         """Images ranked by their best region's inner product with ``descriptor`` ``(D,)``.
@@ -256,8 +262,7 @@ class GalleryIndex:
             return self._exact_coarse(descriptor, n_images)
         index, owners = self.faiss_index()
         total = index.ntotal
-        # vectors are stored image after image, so an image's regions start where its owner id first appears
-        first_vector = np.searchsorted(owners, np.arange(len(self.images)))
+        first_vector = first_rows(owners, len(self.images))
         # the first hit of each image among the top-k vectors is its best region, and an image with no hit
         # ranks below all that have one: grow k until n images are hit
         k = min(total, max(64, 4 * n_images))
@@ -290,15 +295,15 @@ class GalleryIndex:
         """
         if self._exact is None:
             vectors, owners = self.region_vectors()
-            self._exact = (torch.from_numpy(vectors).half(), np.searchsorted(owners, np.arange(len(self.images))))
+            self._exact = (torch.from_numpy(vectors).half(), first_rows(owners, len(self.images)))
         vectors, first = self._exact
         query = torch.as_tensor(np.asarray(descriptor, dtype=np.float32).reshape(-1))
-        rough = (vectors @ query.half()).float().numpy()
-        # every image has at least its whole-image region, so each slice is non-empty
-        rough_best = np.maximum.reduceat(rough, first)
         n = min(n_images, len(first))
         candidates = np.arange(len(first))
-        if n < len(first):
+        if n < len(first):  # (every image wanted: all are candidates, no rough pass needed)
+            rough = (vectors @ query.half()).float().numpy()
+            # every image has at least its whole-image region, so each slice is non-empty
+            rough_best = np.maximum.reduceat(rough, first)
             nth = -np.partition(-rough_best, n - 1)[n - 1]
             candidates = np.nonzero(rough_best >= nth - _FP16_MARGIN)[0]
         counts = (np.r_[first[1:], len(vectors)] - first)[candidates]
