@@ -52,6 +52,14 @@ class RetrievalConfig:
     # shipped checkpoint, fine stage over all of tracking_dev: CorLoc@0.5 .484 -> .501 (w 1 -> .8; .9: .498,
     # .75: .497); on its held-out sequences .509 -> .519 (w chosen on these numbers)
     box_weight_peak: float = 0.8
+    # learned box refinement (retrieval.box_refinement): passes of the refiner over each image's best box
+    # (0 = the peak box, the query's size at the best scale). Held-out tracking sequences, fine stage over
+    # every image, heads trained with 2 passes (benchmarks/box_refinement.py): CorLoc@0.5 .519 with 0
+    # passes, .613 with 1, .609 with 2, .603 with 3; one pass costs about 7 % of the fine stage
+    refine_steps: int = 1
+    refine_top: int = 1            # boxes refined per image, best first (the others stay peak boxes)
+    refine_grid: int = 4           # the query box is sampled on g x g cells, its gallery surroundings on 2g x 2g
+    refine_context: float = 2.0    # the gallery window is the box scaled by this about its centre
 
     # --- coarse stage -------------------------------------------------------
     coarse_grid_levels: tuple[int, ...] = (1, 2, 3)   # R-MAC style grids (training's global regions)

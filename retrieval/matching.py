@@ -3,6 +3,7 @@
 query patch ─► templates φ(Z^l) per scale ─┐
 gallery ψ(X^l) maps ───────────────────────┴► eq. 3 per level ─► P3 grid ─► eq. 4 per scale
   ─► best scale per cell ─► peaks ─► boxes ─► ROIAlign ─► r_k ─► eq. 5 ─► image score
+                                        └─► box refiner (query box grid vs gallery ψ(P3)) ─► output boxes
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from PIL import Image
 from torchvision.ops import roi_align
 
 from .config import RetrievalConfig
+from .box_refinement import refine_boxes
 from .correlation import cosine_cross_correlation_many, window_offset
 from .fusion import lse_fusion, resample_heatmap
 from .images import to_tensor
@@ -33,6 +35,19 @@ class QueryEncoding:
     sizes: list[tuple[int, int]]                    # (width, height) px of the patch at each scale
     templates: list[dict[str, torch.Tensor]]        # per scale: level → (C, h_l, w_l)
     descriptor: torch.Tensor                        # (C,) z = L2(MLP(GeM(φ(Z^{p3}))))
+    box_grid: torch.Tensor                          # (C, g, g) φ(P3) over the box at the reference scale (box refiner)
+
+
+def reference_scale(scales: list[float]) -> int:
+    """Index of the scale nearest 1: the one the descriptor z and the refiner's box grid come from."""
+    return min(range(len(scales)), key=lambda i: abs(math.log(scales[i])))
+
+
+def box_cells(fmap: torch.Tensor, box: tuple[float, float, float, float], stride: float,
+              cells: int | tuple[int, int]) -> torch.Tensor:
+    """A box of one map ROIAligned to ``cells``: ``(1, C, H, W)``, pixel box → ``(C, rows, cols)``."""
+    roi = torch.tensor([[0.0, *box]], device=fmap.device, dtype=fmap.dtype)
+    return roi_align(fmap, roi, cells, 1.0 / stride, 2, True)[0]
 
 
 def usable_scales(width: int, height: int, config: RetrievalConfig) -> list[float]:
@@ -57,16 +72,24 @@ def encode_query(model: RetrievalModel, patch: Image.Image, config: RetrievalCon
     cfg = config or model.config
     width, height = patch.size
     scales = usable_scales(width, height, cfg)
+    ref = reference_scale(scales)
     sizes, templates = [], []
-    for s in scales:
+    for i, s in enumerate(scales):
         size = (max(1, round(width * s)), max(1, round(height * s)))
         resized = patch if size == patch.size else patch.resize(size, Image.BICUBIC)
         maps = model.encode_query(to_tensor(resized).unsqueeze(0).to(device))
         sizes.append(size)
         templates.append({l: m[0] for l, m in maps.items()})
-    ref = min(range(len(scales)), key=lambda i: abs(math.log(scales[i])))
+        if i == ref:
+            grid = box_cells(maps["p3"], (0.0, 0.0, float(size[0]), float(size[1])), FINE_STRIDE, cfg.refine_grid)
     descriptor = model.describe(templates[ref]["p3"].unsqueeze(0))[0]
-    return QueryEncoding((width, height), scales, sizes, templates, descriptor)
+    return QueryEncoding((width, height), scales, sizes, templates, descriptor, grid)
+
+
+def template_cells(width: float, height: float, scale: float, level: str) -> tuple[int, int]:
+    """(rows, cols) of a box's template at a level: its side at ``scale`` in cells, at least 1."""
+    stride = LEVEL_STRIDES[level]
+    return max(1, round(height * scale / stride)), max(1, round(width * scale / stride))
 
 
 def context_window(box: tuple[float, float, float, float], width: int, height: int,
@@ -98,22 +121,20 @@ def encode_query_in_context(model: RetrievalModel, image: Image.Image, box: tupl
     scales = usable_scales(max(1, round(width)), max(1, round(height)), cfg)
     cx0, cy0, cx1, cy1 = context_window(box, image.width, image.height, cfg)
     context = image.crop((cx0, cy0, cx1, cy1))
+    ref = reference_scale(scales)
     sizes, templates = [], []
-    for s in scales:
+    for i, s in enumerate(scales):
         size = (max(1, round(context.width * s)), max(1, round(context.height * s)))
         resized = context if size == context.size else context.resize(size, Image.BICUBIC)
         maps = model.encode_query(to_tensor(resized).unsqueeze(0).to(device))
-        roi = torch.tensor([[0.0, (x0 - cx0) * s, (y0 - cy0) * s, (x1 - cx0) * s, (y1 - cy0) * s]], device=device)
-        cells = {}
-        for level, fmap in maps.items():
-            stride = LEVEL_STRIDES[level]
-            out = (max(1, round(height * s / stride)), max(1, round(width * s / stride)))
-            cells[level] = roi_align(fmap, roi.to(fmap.dtype), out, 1.0 / stride, 2, True)[0]
-        templates.append(cells)
+        roi = ((x0 - cx0) * s, (y0 - cy0) * s, (x1 - cx0) * s, (y1 - cy0) * s)
+        templates.append({level: box_cells(fmap, roi, LEVEL_STRIDES[level], template_cells(width, height, s, level))
+                          for level, fmap in maps.items()})
         sizes.append((max(1, round(width * s)), max(1, round(height * s))))
-    ref = min(range(len(scales)), key=lambda i: abs(math.log(scales[i])))
+        if i == ref:
+            grid = box_cells(maps["p3"], roi, FINE_STRIDE, cfg.refine_grid)
     descriptor = model.describe(templates[ref]["p3"].unsqueeze(0))[0]
-    return QueryEncoding((max(1, round(width)), max(1, round(height))), scales, sizes, templates, descriptor)
+    return QueryEncoding((max(1, round(width)), max(1, round(height))), scales, sizes, templates, descriptor, grid)
 
 
 def stack_maps(maps: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -146,7 +167,7 @@ class MatchBatch:
     fused: torch.Tensor          # (B, 1, H3, W3) fused heatmap, best scale per cell
     per_level: torch.Tensor      # (B, L, H3, W3) per-level heatmaps at each image's best scale
     level_used: torch.Tensor     # (B, L) bool: levels matched at that scale (False: template too large, map is 0)
-    boxes: torch.Tensor          # (B, K, 4) pixel boxes, best first
+    boxes: torch.Tensor          # (B, K, 4) pixel boxes, best first (the first ``config.refine_top`` refined)
     box_scores: torch.Tensor     # (B, K) w·peak + (1−w)·<z, r_k>, descending (-inf where fewer than K boxes)
     best_scale: torch.Tensor     # (B,) query scale of the top box
     level_names: tuple[str, ...] = field(default=("p3", "p4", "p5"))
@@ -252,6 +273,10 @@ def match_query(model: RetrievalModel, query: QueryEncoding, gallery: dict[str, 
         boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
         box_valid = box_valid.gather(1, order)
         best_scale_idx = box_scale_idx.gather(1, order)[:, 0]
+        top = min(cfg.refine_top, k)
+        refined = refine_boxes(model.box_refiner, query.box_grid, p3, boxes[:, :top], image_sizes, FINE_STRIDE,
+                               cfg.refine_context, cfg.refine_steps)
+        boxes = torch.cat([torch.where(box_valid[:, :top, None], refined, boxes[:, :top]), boxes[:, top:]], dim=1)
     peak = fused.flatten(1).amax(dim=1)
     w = cfg.score_weight_peak
     score = w * peak + (1.0 - w) * regional

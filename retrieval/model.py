@@ -1,10 +1,10 @@
-"""The network: frozen backbone → FPN (P3/P4/P5) → φ (query) / ψ (gallery) → descriptor head.
+"""The network: frozen backbone → FPN (P3/P4/P5) → φ (query) / ψ (gallery) → descriptor head, box refiner.
 
-The learnable parts (FPN, φ, ψ, GeM p, MLP, fusion α and γ) are initialised so that an
-untrained model already matches with the pretrained features: the FPN passes each
+The learnable parts (FPN, φ, ψ, GeM p, MLP, fusion α and γ, box refiner) are initialised so
+that an untrained model already matches with the pretrained features: the FPN passes each
 backbone tap through (identity where channels allow, an orthogonal projection
-otherwise) with the top-down path scaled down, φ and ψ start as identities and the
-MLP as a residual block whose output layer is zero.
+otherwise) with the top-down path scaled down, φ and ψ start as identities, the
+MLP as a residual block whose output layer is zero, and the box refiner predicts no change.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
 from .backbones import build_backbone
+from .box_refinement import BoxRefiner
 from .config import RetrievalConfig
 from .regions import gem
 
@@ -104,6 +105,8 @@ class RetrievalModel(nn.Module):
         self.head = DescriptorHead(cfg.fpn_channels, cfg.mlp_hidden, cfg.gem_p)
         self.alpha_logits = nn.Parameter(torch.tensor([float(a) for a in cfg.alpha_init][: len(self.levels)]))
         self.log_gamma = nn.Parameter(torch.tensor(float(cfg.gamma)).log())
+        # built last, so the untrained heads above draw the same random values as before it existed
+        self.box_refiner = BoxRefiner(cfg.refine_grid)
 
     # ---- parameters of eq. 4 ------------------------------------------------
     @property
