@@ -5,6 +5,8 @@
 For each run: what it trained, its loss weights and learning rate, and its held-out
 validation (the fine stage over the whole held-out gallery, the coarse stage alone) at
 step 0, at its best step (by mAP + CorLoc@0.5 + coarse mAP, as training keeps it) and at its last step.
+``runs/`` is git-ignored, so a run made in another checkout has no folder here: its row is
+kept from the docs/training.md being replaced (rows of runs listed or found here are recomputed).
 """
 from __future__ import annotations
 
@@ -42,7 +44,18 @@ def describe(cfg: dict, scales: str) -> str:
     modules = cfg.get("trained_modules", ["fpn", "phi", "psi", "alpha_logits", "log_gamma", "head"])
     weights = f"λ nce/dense/peak/trip/scale {cfg['lambda_nce']:g}/{cfg['lambda_dense']:g}/" \
               f"{cfg.get('lambda_peak', 0.0):g}/{cfg['lambda_trip']:g}/{cfg['lambda_scale']:g}"
+    if "box_refiner" in modules:
+        weights += f"/box {cfg['lambda_box']:g} ({cfg['box_samples']} boxes per positive" + \
+                   ("" if cfg.get("box_synthetic", True) else ", real pairs only") + ")"
     return f"{', '.join(modules)}; lr {cfg['lr']:g}; {weights}; {cfg['steps']} steps; query scales {scales}"
+
+
+def earlier_rows(path: Path) -> dict[str, str]:
+    """Run name → table row of the docs/training.md about to be replaced."""
+    if not path.is_file():
+        return {}
+    rows = [line for line in path.read_text().splitlines() if line.startswith("| ") and not line.startswith("| run |")]
+    return {row.split("|")[1].strip(): row for row in rows}
 
 
 def main(names: list[str]) -> int:
@@ -53,7 +66,10 @@ def main(names: list[str]) -> int:
         return 1
     head = "| run | trained heads, settings | " + " | ".join(
         f"{label} {when}" for when in ("step 0", "best", "last") for _, label in METRICS) + " | best step | last step |"
+    out = ROOT / "docs" / "training.md"
+    fresh = {r["name"] for r in runs}
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines += [row for name, row in earlier_rows(out).items() if name not in fresh]
     for r in runs:
         cells = [f"{r[when][key]:.3f}" for when in ("start", "best", "last") for key, _ in METRICS]
         lines.append(f"| {r['name']} | {describe(r['config'], r['scales'])} | " + " | ".join(cells) + f" | {int(r['best']['step'])} | {int(r['last']['step'])} |")
@@ -81,7 +97,6 @@ initialisation (pretrained features) is hard to beat. Training only the descript
 (with α and γ) leaves the fine stage where it was and raises the coarse stage's mAP, which
 decides which images the fine stage sees; that is the shipped checkpoint (`assets/MODEL_CARD.md`).
 """
-    out = ROOT / "docs" / "training.md"
     out.write_text(text)
     print(f"wrote {out}")
     return 0

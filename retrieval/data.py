@@ -40,8 +40,8 @@ from .backbones import EfficientNetLite0Taps, ResNet50Taps
 from .config import RetrievalConfig
 from .images import (ImageLoadError, crop_box, list_image_files, load_image, resize_max_side, size_batches,
                      to_tensor)
-from .matching import context_window, usable_scales
-from .model import _TAP_OF_LEVEL, LEVEL_STRIDES, RetrievalModel
+from .matching import context_window, template_cells, usable_scales
+from .model import _TAP_OF_LEVEL, RetrievalModel
 
 Box = tuple[float, float, float, float]
 
@@ -50,6 +50,7 @@ Box = tuple[float, float, float, float]
 # a small car, a mountain biker). The nine others (faces, a toy, a motorbike, a car, a
 # person, a gull and two traffic scenes from drones) train.
 HELDOUT_SEQUENCES = ("Jumping", "bag", "Couple", "Surfing06", "car10", "MountainBike6")
+SYNTHETIC_PREFIX = "synthetic/"   # keys of copy-paste composites
 
 
 # --------------------------------------------------------------------------- split
@@ -264,8 +265,7 @@ def encode_query_context(split: TapSplit, image: Image.Image, box: Box, config: 
         entry = split.frozen(to_tensor(resized).unsqueeze(0).to(device))
         taps.append({k: v.float().cpu() for k, v in entry.items()})
         rois.append(((x0 - cx0) * s, (y0 - cy0) * s, (x1 - cx0) * s, (y1 - cy0) * s))
-        cells.append({level: (max(1, round(height * s / stride)), max(1, round(width * s / stride)))
-                      for level, stride in LEVEL_STRIDES.items() if level in config.levels})
+        cells.append({level: template_cells(width, height, s, level) for level in config.levels})
         sizes.append((max(1, round(width * s)), max(1, round(height * s))))
     return CachedQuery(key, tag, (max(1, round(width)), max(1, round(height))), list(scales), sizes, taps,
                        rois, cells, positives)
@@ -487,10 +487,15 @@ def make_composites(sources: Sequence[SourceImage], count: int, seed: int, max_s
                 continue
             params = PasteParams(**{**params.__dict__, "scale": scale})
             image, pasted = paste_object(background, query, params)
-            out.append(Composite(f"synthetic/{n:05d}", query, img, box, image, pasted, src.tag,
+            out.append(Composite(f"{SYNTHETIC_PREFIX}{n:05d}", query, img, box, image, pasted, src.tag,
                                  frozenset({src.tag, bg_src.tag}), params))
             break
     return out
+
+
+def is_synthetic(image: "CachedImage") -> bool:
+    """Whether a training image is a copy-paste composite (else a real frame)."""
+    return image.key.startswith(SYNTHETIC_PREFIX)
 
 
 # --------------------------------------------------------------------------- windows

@@ -303,6 +303,21 @@ def scale_consistency_loss(
     return (kl * weights).sum() / weights.sum().clamp(min=1)
 
 
+def box_regression_loss(predicted: Tensor, target: Tensor, beta: float) -> Tensor:
+    """Smooth-L1 between predicted and true box deltas (``box_refinement.box_deltas``).
+
+    Args:
+        predicted, target: ``(N, 4)`` deltas (dx, dy, dlog w, dlog h).
+        beta: below this absolute error the loss is quadratic (``0.5·e²/β``), above linear (``|e| − β/2``).
+
+    Returns:
+        ``()`` scalar: the mean over the N boxes of the summed loss of their four deltas.
+    """
+    if predicted.shape != target.shape or predicted.dim() != 2 or predicted.shape[1] != 4:
+        raise ValueError(f"expected two (N, 4), got {tuple(predicted.shape)} and {tuple(target.shape)}")
+    return F.smooth_l1_loss(predicted, target, beta=beta, reduction="none").sum(dim=1).mean()
+
+
 def total_loss(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> tuple[Tensor, dict[str, float]]:
     """Weighted sum of the loss terms (eq. 6) and a log of each.
 

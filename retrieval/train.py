@@ -1,6 +1,6 @@
-"""Training of the heads (FPN, φ, ψ, descriptor MLP + GeM p, fusion α and γ) — seed 000, section 3.
+"""Training of the heads (FPN, φ, ψ, descriptor MLP + GeM p, fusion α and γ, box refiner) — seed 000, section 3.
 
-    L = λ1·InfoNCE + λ2·(focal + Dice) + λ3·triplet (eq. 8) + λ4·KL(per level ‖ fused)
+    L = λ1·InfoNCE + λ2·(focal + Dice) + λ3·triplet (eq. 8) + λ4·KL(per level ‖ fused) + λ5·box
 
 A step draws B triples (query box, positive image with its box, negative image) from
 real tracking pairs and synthetic copy-paste pairs (``retrieval.data``) and runs them
@@ -20,6 +20,9 @@ usable query scales (``matching.encode_query_in_context``), the images as galler
   regions at the negative's peaks.
 * scale consistency: KL(per level ‖ fused) on the positive at its chosen query scale,
   the fused map detached (a teacher), levels too small for the template left out.
+* box (beyond the seed): smooth-L1 of the box refiner's deltas on boxes jittered around
+  the positive's gt box the way peak boxes miss it (mostly in scale), so that the fine
+  stage's boxes take the object's extent rather than the query's size.
 
 Validation ranks the held-out sequences' gallery (``manifest.json`` restricted to them)
 by the fine score of every query against every image and scores the dump with the
@@ -44,22 +47,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou, roi_align
+from torchvision.ops import box_iou
 
 from . import data as D
 from .checkpoint import ASSETS, load_model, save_checkpoint
 from .config import RetrievalConfig
 from .encoding import coarse_regions
 from .images import size_batches
-from .losses import (box_mask, dense_loss, info_nce, peak_loss, scale_consistency_loss, total_loss,
-                     triplet_region_loss)
-from .matching import FINE_STRIDE, QueryEncoding, match_query, stack_maps
+from .box_refinement import box_deltas, jitter_boxes, refiner_deltas
+from .losses import (box_mask, box_regression_loss, dense_loss, info_nce, peak_loss, scale_consistency_loss,
+                     total_loss, triplet_region_loss)
+from .matching import FINE_STRIDE, QueryEncoding, box_cells, match_query, reference_scale, stack_maps
 from .model import LEVEL_STRIDES, TOP_DOWN_DAMPING, RetrievalModel
 from .regions import pool_regions
 
 REPO = ASSETS.parent
-TERMS = ("nce", "dense", "peak", "trip", "scale")
-ALL_HEADS = ("fpn", "phi", "psi", "alpha_logits", "log_gamma", "head")   # every trainable head of the model
+TERMS = ("nce", "dense", "peak", "trip", "scale", "box")
+ALL_HEADS = ("fpn", "phi", "psi", "alpha_logits", "log_gamma", "head", "box_refiner")   # every trainable head of the model
 
 
 @dataclass
@@ -75,6 +79,13 @@ class TrainConfig:
     peak_box_fraction: float = 0.5            # the peak target is the box's central part of this side fraction
     tau: float = 0.1                          # InfoNCE temperature
     margin: float = 0.1                       # m of eq. 8
+    lambda_box: float = 1.0                   # λ5 box refiner's smooth-L1 on jittered gt boxes
+    box_samples: int = 32                     # jittered boxes per positive
+    box_synthetic: bool = True                # synthetic pairs train the refiner too (else real pairs only)
+    box_scale_std: float = 0.3                # their log-size spread (peak boxes' measured error: .28)
+    box_shift_std: float = 0.15               # their centre spread, a fraction of their size
+    box_aspect_std: float = 0.1               # log aspect spread of the half that does not keep the query's aspect
+    box_beta: float = 0.1                     # smooth-L1 β of the box term
     dense_temperature: float = 10.0           # heatmap → probability: sigmoid((H − bias)·temperature)
     dense_bias: float = 0.5
     dense_negative_weight: float = 0.5        # weight of the negative image's all-background dense term
@@ -100,7 +111,7 @@ class TrainConfig:
     # which heads learn; the others keep their start values. The default leaves the FPN, φ and ψ
     # at their pass-through init: on tracking_dev, training them on the 9 training sequences
     # lowered the held-out fine-stage mAP (see assets/MODEL_CARD.md); add "fpn", "phi", "psi" to train them
-    trained_modules: tuple[str, ...] = ("head", "alpha_logits", "log_gamma")
+    trained_modules: tuple[str, ...] = ("head", "alpha_logits", "log_gamma", "box_refiner")
     model_config: dict = field(default_factory=dict)  # RetrievalConfig fields to change (stored in the checkpoint)
     # --- data ----------------------------------------------------------------
     train_json: str = "../shared/data/tracking_dev/train.json"   # relative to the repository root
@@ -136,7 +147,7 @@ class TrainConfig:
 
     def weights(self) -> dict[str, float]:
         return {"nce": self.lambda_nce, "dense": self.lambda_dense, "peak": self.lambda_peak,
-                "trip": self.lambda_trip, "scale": self.lambda_scale}
+                "trip": self.lambda_trip, "scale": self.lambda_scale, "box": self.lambda_box}
 
 
 def repo_path(path: str | os.PathLike) -> Path:
@@ -204,17 +215,17 @@ def query_encoding(model: RetrievalModel, split: D.TapSplit, query: D.CachedQuer
     """``matching.encode_query_in_context`` from cached taps, with gradients: per scale, the
     box's cells ROIAligned out of φ(P^l) of the context window → ``{level: (C, h_l, w_l)}``;
     z from the scale nearest 1."""
+    ref = reference_scale(query.scales)
     templates = []
-    for taps, roi, cells in zip(query.taps, query.rois, query.cells):
+    for i, (taps, roi, cells) in enumerate(zip(query.taps, query.rois, query.cells)):
         pyramid = D.pyramid_from_taps(model, split.live(D._to(taps, device)))
-        templates.append({})
-        for level, x in pyramid.items():
-            fmap = model.phi(x)
-            box = torch.tensor([[0.0, *roi]], device=fmap.device, dtype=fmap.dtype)
-            templates[-1][level] = roi_align(fmap, box, cells[level], 1.0 / LEVEL_STRIDES[level], 2, True)[0]
-    ref = min(range(len(query.scales)), key=lambda i: abs(math.log(query.scales[i])))
+        maps = {level: model.phi(x) for level, x in pyramid.items()}
+        templates.append({level: box_cells(fmap, roi, LEVEL_STRIDES[level], cells[level])
+                          for level, fmap in maps.items()})
+        if i == ref:
+            grid = box_cells(maps["p3"], roi, FINE_STRIDE, model.config.refine_grid)
     descriptor = model.describe(templates[ref]["p3"].unsqueeze(0))[0]
-    return QueryEncoding(query.patch_size, list(query.scales), list(query.sizes), templates, descriptor)
+    return QueryEncoding(query.patch_size, list(query.scales), list(query.sizes), templates, descriptor, grid)
 
 
 def gallery_maps(model: RetrievalModel, split: D.TapSplit, image: D.CachedImage,
@@ -246,7 +257,7 @@ def usable_levels(model: RetrievalModel, templates: dict[str, torch.Tensor]) -> 
 
 def batch_losses(model: RetrievalModel, split: D.TapSplit, batch: list[D.Triple], cfg: TrainConfig,
                  device: torch.device | str) -> dict[str, torch.Tensor]:
-    """The four loss terms (unweighted scalars) of a batch of triples."""
+    """The loss terms (unweighted scalars) of a batch of triples: the seed's four, the peak and box terms."""
     rcfg = model.config
     images = {}
     for t in batch:
@@ -257,7 +268,7 @@ def batch_losses(model: RetrievalModel, split: D.TapSplit, batch: list[D.Triple]
     coarse_desc = {k: embed_regions(model, maps[k]["p3"], coarse_boxes[k]) for k in images}
     queries = [query_encoding(model, split, t.query, device) for t in batch]
 
-    dense, peak, scale, trip = [], [], [], []
+    dense, peak, scale, trip, box = [], [], [], [], []
     box_regions, peak_regions = [], []
     for t, q in zip(batch, queries):
         pos, neg = images[t.positive.key], images[t.negative.key]
@@ -279,6 +290,14 @@ def batch_losses(model: RetrievalModel, split: D.TapSplit, batch: list[D.Triple]
             centre = box_mask(torch.tensor([[cx - hw, cy - hh, cx + hw, cy + hh]], device=fused_pos.device),
                               hp, wp, FINE_STRIDE)
             peak.append(peak_loss(fused_pos, centre, cfg.peak_temperature))
+
+        if cfg.lambda_box and (cfg.box_synthetic or not D.is_synthetic(pos)):
+            jittered = jitter_boxes(gt, torch.tensor([q.patch_size[0] / q.patch_size[1]]), cfg.box_samples,
+                                    cfg.box_scale_std, cfg.box_shift_std, cfg.box_aspect_std)[0]
+            predicted = refiner_deltas(model.box_refiner, q.box_grid, maps[pos.key]["p3"].unsqueeze(0), jittered,
+                                       torch.zeros(len(jittered), dtype=torch.long, device=gt.device),
+                                       FINE_STRIDE, rcfg.refine_context)
+            box.append(box_regression_loss(predicted, box_deltas(jittered, gt.expand_as(jittered)), cfg.box_beta))
 
         scale_idx = min(range(len(q.scales)), key=lambda i: abs(q.scales[i] - float(match.best_scale[0])))
         valid = usable_levels(model, q.templates[scale_idx]).to(fused_pos.device).unsqueeze(0)
@@ -310,6 +329,8 @@ def batch_losses(model: RetrievalModel, split: D.TapSplit, batch: list[D.Triple]
     terms = {"nce": mean(nce), "dense": mean(dense), "trip": mean(trip), "scale": mean(scale)}
     if peak:
         terms["peak"] = mean(peak)
+    if box:
+        terms["box"] = mean(box)
     return terms
 
 
@@ -598,9 +619,10 @@ def plot_curves(path: Path, train_rows: list[dict[str, Any]], val_rows: list[dic
 
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     if train_rows:
-        steps = np.array([r["step"] for r in train_rows])
-        for name in (n for n in (*TERMS, "total") if n in train_rows[0]):
-            values = np.array([r[name] for r in train_rows], dtype=float)
+        for name in (n for n in (*TERMS, "total") if any(n in r for r in train_rows)):
+            # a term can be absent from a step (the box term on a batch of synthetic pairs only)
+            steps = np.array([r["step"] for r in train_rows if name in r])
+            values = np.array([r[name] for r in train_rows if name in r], dtype=float)
             k = max(1, len(values) // 25)
             smooth = np.convolve(values, np.ones(k) / k, mode="valid")
             ax_loss.plot(steps[k - 1:], smooth, label=name)
@@ -633,13 +655,25 @@ def write_model_card(path: Path, meta: dict[str, Any]) -> None:
                                                                 "coarse_mAP")]
             table.append(f"| {label} | " + " | ".join(cells) + " |")
     rel = (after["mAP"] / before["mAP"] - 1.0) * 100.0 if before["mAP"] else float("nan")
+    curve = [r for r in meta.get("validation_curve", []) if r["step"] > 0]
+    spread = ""
+    if curve:
+        last, second_half = curve[-1], [r for r in curve if r["step"] >= meta["steps"] / 3]
+        spread = (f" The last step ({last['step']}) gives mAP {last['mAP']:.3f} and CorLoc@0.5 "
+                  f"{last['CorLoc@0.5']:.3f} ({(last['mAP'] / before['mAP'] - 1.0) * 100.0:+.1f} %, "
+                  f"{last['CorLoc@0.5'] - before['CorLoc@0.5']:+.3f}); from step {second_half[0]['step']} on, CorLoc@0.5 "
+                  f"stays within {min(r['CorLoc@0.5'] for r in second_half):.3f}–"
+                  f"{max(r['CorLoc@0.5'] for r in second_half):.3f} and mAP within "
+                  f"{min(r['mAP'] for r in second_half):.3f}–{max(r['mAP'] for r in second_half):.3f}.")
     cfg = meta["train_config"]
     text = f"""# Model card: trained retrieval heads (`assets/checkpoint.pt`)
 
 **What it is.** The heads of the patch-query retrieval model (seed 000): FPN
 (P3/P4/P5, {meta['model_config']['fpn_channels']} channels), the 1×1 convolutions φ (query) and ψ
-(gallery), the descriptor MLP with its GeM exponent, and the fusion weights α and
-temperature γ of eq. 4 — {meta['checkpoint_bytes'] / 1e6:.1f} MB. Trained here: **{', '.join(cfg.get('trained_modules', ALL_HEADS))}**
+(gallery), the descriptor MLP with its GeM exponent, the fusion weights α and
+temperature γ of eq. 4, and the box refiner (`retrieval/box_refinement.py`: from the
+cosines between the query box's cells and the cells around a peak box, the shift and size
+change that put the box on the object) — {meta['checkpoint_bytes'] / 1e6:.1f} MB. Trained here: **{', '.join(cfg.get('trained_modules', ALL_HEADS))}**
 ({meta['parameters']:,} parameters); the other heads keep their initialisation (FPN as a
 pass-through of each backbone tap, φ = ψ = identity), so the fine stage correlates the
 pretrained features. Why: see `docs/training.md` — training the FPN, φ and ψ on the nine
@@ -676,7 +710,7 @@ image; coarse mAP = ranking by the best coarse-region descriptor alone (whole im
 
 mAP changes by {rel:+.1f} % relative, CorLoc@0.5 by {after['CorLoc@0.5'] - before['CorLoc@0.5']:+.3f} absolute.
 The kept step was chosen on these same sequences (best mAP + CorLoc + coarse mAP among
-{meta['validations']} validations), so the trained row is slightly optimistic; `docs/results.md`
+{meta['validations']} validations), so the trained row is slightly optimistic.{spread} `docs/results.md`
 has the coarse-to-fine pipeline on these sequences and on COIL-20, which training never saw.
 
 ## Training run
@@ -685,7 +719,9 @@ has the coarse-to-fine pipeline on these sequences and on COIL-20, which trainin
   kept step {meta['best_step']}
 - loss: {cfg['lambda_nce']}·InfoNCE (τ = {cfg['tau']}) + {cfg['lambda_dense']}·(focal + Dice) +
   {cfg.get('lambda_peak', 0.0)}·peak (spatial-softmax mass on the box centre) +
-  {cfg['lambda_trip']}·triplet (m = {cfg['margin']}) + {cfg['lambda_scale']}·KL
+  {cfg['lambda_trip']}·triplet (m = {cfg['margin']}) + {cfg['lambda_scale']}·KL +
+  {cfg.get('lambda_box', 0.0)}·box (smooth-L1 of the refiner's deltas on {cfg.get('box_samples', 0)} boxes per positive,
+  jittered around its gt box: log-size σ {cfg.get('box_scale_std', 0.0)}, shift σ {cfg.get('box_shift_std', 0.0)})
 - wall time: {meta['wall_seconds'] / 60:.1f} min on {meta['device']} ({meta['threads']} threads), torch {meta['torch']}
 - full configuration: `meta["train_config"]` inside the checkpoint
   (`python -c "from retrieval.checkpoint import read_checkpoint; print(read_checkpoint('assets/checkpoint.pt')['meta'])"`)

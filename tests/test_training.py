@@ -255,6 +255,36 @@ def test_saved_then_loaded_checkpoint_gives_identical_outputs(demo_images, tmp_p
     # training did change the heads, so the comparison is not between two untrained models
     untrained = RetrievalModel(RetrievalConfig())
     assert not torch.equal(untrained.fpn.inner_blocks[0][0].weight, loaded.fpn.inner_blocks[0][0].weight)
+    assert not torch.equal(untrained.box_refiner.fc2.weight, loaded.box_refiner.fc2.weight)
+
+
+def test_checkpoint_from_before_the_box_refiner_loads_with_boxes_unrefined(demo_images, tmp_path):
+    from retrieval.checkpoint import read_checkpoint
+    from retrieval.images import to_tensor
+
+    torch.manual_seed(2)
+    model = RetrievalModel(RetrievalConfig())
+    with torch.no_grad():
+        model.head.fc2.weight.normal_(0, 0.01)            # some trained descriptor head
+        model.box_refiner.fc2.bias.fill_(0.3)              # a refiner that would move every box
+    path = tmp_path / "old.pt"
+    save_checkpoint(T.TrainedWeights(model), path, {})
+    data = read_checkpoint(path)
+    data["state"] = {k: v for k, v in data["state"].items() if not k.startswith("box_refiner.")}
+    torch.save(data, path)
+    loaded, _ = load_model(path)
+    assert torch.equal(loaded.head.fc2.weight, model.head.fc2.weight)
+    refiner = loaded.box_refiner.fc2
+    assert float(refiner.weight.detach().abs().max()) == 0.0 and float(refiner.bias.detach().abs().max()) == 0.0
+    patch = demo_images[0].crop((30, 20, 70, 60))
+    gallery = torch.stack([to_tensor(im) for im in demo_images[:2]])
+    sizes = torch.tensor([[im.height, im.width] for im in demo_images[:2]])
+    with torch.no_grad():
+        query = encode_query(loaded, patch)
+        refined = match_query(loaded, query, loaded.encode_gallery(gallery), sizes)
+        peak_boxes = match_query(loaded, query, loaded.encode_gallery(gallery), sizes,
+                                 config=loaded.config.replace(refine_steps=0))
+    torch.testing.assert_close(refined.boxes, peak_boxes.boxes, rtol=0, atol=1e-3)   # px: float rounding only
 
 
 def test_config_file_and_flags(tmp_path):
@@ -270,6 +300,16 @@ def test_config_file_and_flags(tmp_path):
     assert T.config_from_args(parser.parse_args([])) == T.TrainConfig()
     with pytest.raises(ValueError, match="unknown training option"):
         T.TrainConfig.from_dict({"stepz": 1})
+
+
+def test_curves_plot_terms_missing_from_some_steps(tmp_path):
+    """The box term is absent from a step whose batch has no pair that trains the refiner."""
+    rows = [{"step": i + 1, "nce": 1.0 / (i + 1), "total": 2.0, **({"box": 0.5} if i % 2 else {})} for i in range(30)]
+    val = [{"step": 0, "mAP": 0.5, "CorLoc@0.5": 0.4, "loc-mAP@0.5": 0.3, "coarse_mAP": 0.2}]
+    T.plot_curves(tmp_path / "curves.png", rows, val)
+    T.write_csv(tmp_path / "log.csv", rows)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "log.csv").read_text().splitlines()[0] == "step,nce,total,box"
 
 
 def test_lr_schedule_warms_up_then_decays():
