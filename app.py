@@ -158,11 +158,12 @@ def build_app(store: GalleryStore) -> gr.Blocks:
         return cropped_query(image, source.size if source is not None else None, box, cfg.max_side, cfg.min_side)
 
     @_gpu
-    def search_ui(editor, source, box_text, gallery, top, rerank, top_k, scales, gamma, alpha, cmap):
+    def search_ui(editor, source, box_text, gallery, top, rerank, top_k, scales, gamma, refine, alpha, cmap):
         try:
             image, box = query_and_box(editor, source, box_text)
             response = store.engine(gallery).search(image, box, top=int(top), rerank=int(rerank), top_k=int(top_k),
-                                                    query_scales=_scales(scales), gamma=float(gamma) or None)
+                                                    query_scales=_scales(scales), gamma=float(gamma) or None,
+                                                    refine_boxes=bool(refine))
         except Exception as exc:
             raise _user_error(exc) from None
         payload = {"gallery": gallery, "results": response.results}
@@ -219,14 +220,15 @@ def build_app(store: GalleryStore) -> gr.Blocks:
 
     @_gpu
     def search_api(image, box: str = "", gallery: str = DEMO, top: float = 10, rerank: float = 100,
-                   top_k: float = 5, scales: str = "", gamma: float = 0):
-        """Search a gallery with an image file; ``box`` "x0,y0,x1,y1" crops it (its pixels)."""
+                   top_k: float = 5, scales: str = "", gamma: float = 0, refine: bool = True):
+        """Search a gallery with an image file; ``box`` "x0,y0,x1,y1" crops it (its pixels);
+        ``refine`` False reports the peak boxes instead of the learned refiner's."""
         try:
             if not image:
                 raise ImageLoadError("Send a query image file.")
             response = store.engine(gallery or DEMO).search(
                 image, _box(box), top=int(top or 10), rerank=int(rerank or cfg.rerank), top_k=int(top_k or 0) or None,
-                query_scales=_scales(scales), gamma=float(gamma or 0) or None)
+                query_scales=_scales(scales), gamma=float(gamma or 0) or None, refine_boxes=refine is not False)
         except Exception as exc:
             raise _user_error(exc, image) from None
         return {"gallery": gallery or DEMO, "query_size": list(response.query.size), "scales": response.scales,
@@ -271,6 +273,8 @@ def build_app(store: GalleryStore) -> gr.Blocks:
                     top_k = gr.Slider(1, 10, value=cfg.top_k, step=1, label="K peaks (boxes per image)")
                     scales = gr.Textbox(value=", ".join(f"{s:g}" for s in cfg.query_scales), label="Query scales")
                     gamma = gr.Slider(0, 50, value=0, step=0.5, label="γ of the fusion (0 = the model's learned γ)")
+                    refine = gr.Checkbox(value=True, label="Refine each result's best box (learned refiner; "
+                                                           "off: the query's size at the best scale)")
                 examples = gr.Examples([[p, b, DEMO] for _, p, b in EXAMPLES], inputs=[editor, box_text, gallery],
                                        label="Examples (demo gallery): click one to search",
                                        example_labels=[o.replace("_", " ") for o, _, _ in EXAMPLES],
@@ -314,12 +318,14 @@ def build_app(store: GalleryStore) -> gr.Blocks:
             api_top_k = gr.Number(label="top_k", value=cfg.top_k, precision=0)
             api_scales = gr.Textbox(label="scales", value="")
             api_gamma = gr.Number(label="gamma", value=0)
+            api_refine = gr.Checkbox(label="refine", value=True)
             api_files = gr.File(label="files", file_count="multiple")
             api_name = gr.Textbox(label="gallery", value="")
             api_out = gr.JSON(label="result")
             api_search_btn, api_galleries_btn, api_index_btn = gr.Button(), gr.Button(), gr.Button()
 
-        search_inputs = [editor, source_state, box_text, gallery, top, rerank, top_k, scales, gamma, alpha, cmap]
+        search_inputs = [editor, source_state, box_text, gallery, top, rerank, top_k, scales, gamma, refine, alpha,
+                         cmap]
         search_outputs = [query_shown, grid, status, payload, selected, overlay, levels, detail_text, plot]
         search_opts = dict(concurrency_id="search", concurrency_limit=4, api_visibility="undocumented")
         search_btn.click(search_ui, search_inputs, search_outputs, api_name="search_ui", **search_opts)
@@ -340,7 +346,7 @@ def build_app(store: GalleryStore) -> gr.Blocks:
         demo.load(refresh, gallery, [gallery, table], api_visibility="private")
 
         api_search_btn.click(search_api, [api_image, api_box, api_gallery, api_top, api_rerank, api_top_k,
-                                          api_scales, api_gamma], api_out, api_name="search",
+                                          api_scales, api_gamma, api_refine], api_out, api_name="search",
                              concurrency_id="search", concurrency_limit=4)
         api_galleries_btn.click(galleries_api, None, api_out, api_name="galleries")
         api_index_btn.click(index_api, [api_files, api_name], api_out, api_name="index",

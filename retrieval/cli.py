@@ -62,7 +62,7 @@ def cmd_search(args) -> int:
     index = GalleryIndex.open(args.index, model_hash=model_hash)
     scales = tuple(float(s) for s in args.scales.split(",")) if args.scales else None
     response = SearchEngine(index, model, _device(args.device)).search(
-        args.query, box=box, top=args.top, rerank=args.rerank, query_scales=scales)
+        args.query, box=box, top=args.top, rerank=args.rerank, query_scales=scales, refine_boxes=not args.no_refine)
     if args.json:
         print(json.dumps([r.to_json() for r in response.results], indent=1))
         return 0
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--rerank", type=int, default=None, help="images re-ranked by the fine stage (default 100)")
     p.add_argument("--scales", help="query scales, e.g. 0.5,1,2")
+    p.add_argument("--no-refine", action="store_true",
+                   help="report the peak boxes (query size at the best scale), not the learned refiner's")
     p.add_argument("--json", action="store_true", help='print [{"path", "score", "box"}] best first')
     _add_model_args(p)
     p.set_defaults(func=cmd_search)

@@ -96,8 +96,12 @@ class SearchEngine:
     @torch.no_grad()
     def search(self, query_image: ImageSource, box=None, top: int = 20, rerank: int | None = None,
                query_scales: tuple[float, ...] | None = None, top_k: int | None = None,
-               gamma: float | None = None, batch_size: int = 32) -> SearchResponse:
-        """Search the index with a query image (cropped to ``box`` when given, original pixels)."""
+               gamma: float | None = None, refine_boxes: bool = True, batch_size: int = 32) -> SearchResponse:
+        """Search the index with a query image (cropped to ``box`` when given, original pixels).
+
+        ``refine_boxes=False`` reports the peak boxes as they are (the query's size at the best
+        scale) instead of the learned refiner's boxes (``retrieval.box_refinement``).
+        """
         t0 = time.perf_counter()
         cfg: RetrievalConfig = self.model.config
         changes = {}
@@ -105,6 +109,8 @@ class SearchEngine:
             changes["query_scales"] = tuple(float(s) for s in query_scales)
         if top_k:
             changes["top_k"] = int(top_k)
+        if not refine_boxes:
+            changes["refine_steps"] = 0
         cfg = replace(cfg, **changes) if changes else cfg
         rerank = cfg.rerank if rerank is None else int(rerank)
         if box is None:

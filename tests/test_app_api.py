@@ -94,6 +94,18 @@ def test_examples_find_their_object_at_rank_1_four_at_a_time(server):
     print(f"{len(EXAMPLES)} example searches, 4 at a time: {elapsed:.1f} s")
 
 
+def test_refine_switch_changes_the_boxes_not_the_ranking(client):
+    """``refine`` False gives the peak boxes; a call that leaves it out gets the refined ones."""
+    obj, path, box = EXAMPLES[0]
+    refined = search(client, ROOT / path, box, top=5, rerank=20)
+    peak = client.predict(handle_file(str(ROOT / path)), box, "demo", 5, 20, 5, "", 0, False, api_name="/search")
+    assert [r["name"] for r in refined["results"]] == [r["name"] for r in peak["results"]]
+    assert [r["score"] for r in refined["results"]] == pytest.approx([r["score"] for r in peak["results"]])
+    assert any(r["box"] != p["box"] for r, p in zip(refined["results"], peak["results"])), "the refiner moved no box"
+    # the boxes after the first are peak boxes either way
+    assert all(r["boxes"][1:] == p["boxes"][1:] for r, p in zip(refined["results"], peak["results"]))
+
+
 @pytest.mark.parametrize("kind", ["grayscale", "cmyk", "rgba_png", "palette_png", "exif_rotated", "large"])
 def test_unusual_but_valid_images_are_searched(client, tmp_path, kind):
     base = Image.open(DEMO / "queries" / "coffee_cup.jpg").convert("RGB")
