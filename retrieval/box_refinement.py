@@ -5,7 +5,7 @@ of scale (seen on held-out tracking pairs: the log errors of width and height co
 at .85, std .28). The refiner looks at how the query's parts lie inside the box's
 surroundings and predicts the shift and the size change:
 
-query box cells φ(P3) ─► (C, G, G) grid ──┐
+query box cells φ(P3) at the box's scale ─► (C, G, G) grid ──┐
 gallery ψ(P3) around the box (×2 side) ─► (C, 2G, 2G) grid ─► local correlation (G², 2G, 2G)
   ─► two convs ─► MLP ─► deltas (dx, dy, dlog w, dlog h) ─► refined box (applied ``steps`` times)
 
@@ -141,7 +141,8 @@ def refine_boxes(refiner: BoxRefiner, query_grid: torch.Tensor, gallery: torch.T
     """Apply the refiner ``steps`` times to every image's boxes.
 
     Args:
-        query_grid: ``(C, g, g)``; gallery: ``(B, C, H, W)`` ψ maps; boxes: ``(B, K, 4)`` pixels
+        query_grid: ``(C, g, g)`` for every box, or ``(B, K, C, g, g)`` one per box;
+        gallery: ``(B, C, H, W)`` ψ maps; boxes: ``(B, K, 4)`` pixels
             (pass ``boxes[:, :n]`` to refine only the first n of each image);
         image_sizes: ``(B, 2)`` (height, width) pixels.
 
@@ -152,6 +153,8 @@ def refine_boxes(refiner: BoxRefiner, query_grid: torch.Tensor, gallery: torch.T
     if steps <= 0 or b * k == 0:
         return boxes
     flat = boxes.reshape(-1, 4)
+    if query_grid.dim() == 5:
+        query_grid = query_grid.flatten(0, 1)
     index = torch.arange(b, device=boxes.device).repeat_interleave(k)
     sizes = image_sizes.to(boxes.device)[index]
     for _ in range(steps):

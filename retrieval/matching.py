@@ -35,11 +35,11 @@ class QueryEncoding:
     sizes: list[tuple[int, int]]                    # (width, height) px of the patch at each scale
     templates: list[dict[str, torch.Tensor]]        # per scale: level → (C, h_l, w_l)
     descriptor: torch.Tensor                        # (C,) z = L2(MLP(GeM(φ(Z^{p3}))))
-    box_grid: torch.Tensor                          # (C, g, g) φ(P3) over the box at the reference scale (box refiner)
+    box_grids: torch.Tensor                         # (S, C, g, g) φ(P3) over the box at each scale (box refiner)
 
 
 def reference_scale(scales: list[float]) -> int:
-    """Index of the scale nearest 1: the one the descriptor z and the refiner's box grid come from."""
+    """Index of the scale nearest 1: the one the descriptor z comes from."""
     return min(range(len(scales)), key=lambda i: abs(math.log(scales[i])))
 
 
@@ -72,18 +72,16 @@ def encode_query(model: RetrievalModel, patch: Image.Image, config: RetrievalCon
     cfg = config or model.config
     width, height = patch.size
     scales = usable_scales(width, height, cfg)
-    ref = reference_scale(scales)
-    sizes, templates = [], []
-    for i, s in enumerate(scales):
+    sizes, templates, grids = [], [], []
+    for s in scales:
         size = (max(1, round(width * s)), max(1, round(height * s)))
         resized = patch if size == patch.size else patch.resize(size, Image.BICUBIC)
         maps = model.encode_query(to_tensor(resized).unsqueeze(0).to(device))
         sizes.append(size)
         templates.append({l: m[0] for l, m in maps.items()})
-        if i == ref:
-            grid = box_cells(maps["p3"], (0.0, 0.0, float(size[0]), float(size[1])), FINE_STRIDE, cfg.refine_grid)
-    descriptor = model.describe(templates[ref]["p3"].unsqueeze(0))[0]
-    return QueryEncoding((width, height), scales, sizes, templates, descriptor, grid)
+        grids.append(box_cells(maps["p3"], (0.0, 0.0, float(size[0]), float(size[1])), FINE_STRIDE, cfg.refine_grid))
+    descriptor = model.describe(templates[reference_scale(scales)]["p3"].unsqueeze(0))[0]
+    return QueryEncoding((width, height), scales, sizes, templates, descriptor, torch.stack(grids))
 
 
 def template_cells(width: float, height: float, scale: float, level: str) -> tuple[int, int]:
@@ -121,9 +119,8 @@ def encode_query_in_context(model: RetrievalModel, image: Image.Image, box: tupl
     scales = usable_scales(max(1, round(width)), max(1, round(height)), cfg)
     cx0, cy0, cx1, cy1 = context_window(box, image.width, image.height, cfg)
     context = image.crop((cx0, cy0, cx1, cy1))
-    ref = reference_scale(scales)
-    sizes, templates = [], []
-    for i, s in enumerate(scales):
+    sizes, templates, grids = [], [], []
+    for s in scales:
         size = (max(1, round(context.width * s)), max(1, round(context.height * s)))
         resized = context if size == context.size else context.resize(size, Image.BICUBIC)
         maps = model.encode_query(to_tensor(resized).unsqueeze(0).to(device))
@@ -131,10 +128,10 @@ def encode_query_in_context(model: RetrievalModel, image: Image.Image, box: tupl
         templates.append({level: box_cells(fmap, roi, LEVEL_STRIDES[level], template_cells(width, height, s, level))
                           for level, fmap in maps.items()})
         sizes.append((max(1, round(width * s)), max(1, round(height * s))))
-        if i == ref:
-            grid = box_cells(maps["p3"], roi, FINE_STRIDE, cfg.refine_grid)
-    descriptor = model.describe(templates[ref]["p3"].unsqueeze(0))[0]
-    return QueryEncoding((max(1, round(width)), max(1, round(height))), scales, sizes, templates, descriptor, grid)
+        grids.append(box_cells(maps["p3"], roi, FINE_STRIDE, cfg.refine_grid))
+    descriptor = model.describe(templates[reference_scale(scales)]["p3"].unsqueeze(0))[0]
+    return QueryEncoding((max(1, round(width)), max(1, round(height))), scales, sizes, templates, descriptor,
+                         torch.stack(grids))
 
 
 def stack_maps(maps: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -274,7 +271,9 @@ def match_query(model: RetrievalModel, query: QueryEncoding, gallery: dict[str, 
         box_valid = box_valid.gather(1, order)
         best_scale_idx = box_scale_idx.gather(1, order)[:, 0]
         top = min(cfg.refine_top, k)
-        refined = refine_boxes(model.box_refiner, query.box_grid, p3, boxes[:, :top], image_sizes, FINE_STRIDE,
+        # each box is compared with the query at the scale its peak was found at
+        box_grids = query.box_grids.to(dtype)[box_scale_idx.gather(1, order)[:, :top]]   # (B, top, C, g, g)
+        refined = refine_boxes(model.box_refiner, box_grids, p3, boxes[:, :top], image_sizes, FINE_STRIDE,
                                cfg.refine_context, cfg.refine_steps)
         boxes = torch.cat([torch.where(box_valid[:, :top, None], refined, boxes[:, :top]), boxes[:, top:]], dim=1)
     peak = fused.flatten(1).amax(dim=1)

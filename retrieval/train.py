@@ -215,17 +215,16 @@ def query_encoding(model: RetrievalModel, split: D.TapSplit, query: D.CachedQuer
     """``matching.encode_query_in_context`` from cached taps, with gradients: per scale, the
     box's cells ROIAligned out of φ(P^l) of the context window → ``{level: (C, h_l, w_l)}``;
     z from the scale nearest 1."""
-    ref = reference_scale(query.scales)
-    templates = []
-    for i, (taps, roi, cells) in enumerate(zip(query.taps, query.rois, query.cells)):
+    templates, grids = [], []
+    for taps, roi, cells in zip(query.taps, query.rois, query.cells):
         pyramid = D.pyramid_from_taps(model, split.live(D._to(taps, device)))
         maps = {level: model.phi(x) for level, x in pyramid.items()}
         templates.append({level: box_cells(fmap, roi, LEVEL_STRIDES[level], cells[level])
                           for level, fmap in maps.items()})
-        if i == ref:
-            grid = box_cells(maps["p3"], roi, FINE_STRIDE, model.config.refine_grid)
-    descriptor = model.describe(templates[ref]["p3"].unsqueeze(0))[0]
-    return QueryEncoding(query.patch_size, list(query.scales), list(query.sizes), templates, descriptor, grid)
+        grids.append(box_cells(maps["p3"], roi, FINE_STRIDE, model.config.refine_grid))
+    descriptor = model.describe(templates[reference_scale(query.scales)]["p3"].unsqueeze(0))[0]
+    return QueryEncoding(query.patch_size, list(query.scales), list(query.sizes), templates, descriptor,
+                         torch.stack(grids))
 
 
 def gallery_maps(model: RetrievalModel, split: D.TapSplit, image: D.CachedImage,
@@ -251,6 +250,15 @@ def usable_levels(model: RetrievalModel, templates: dict[str, torch.Tensor]) -> 
     """``(L,)`` bool: levels where ``match_query`` correlates this template (not too wide)."""
     limit = model.config.max_template_cells
     return torch.tensor([max(templates[l].shape[-2:]) <= limit for l in model.levels])
+
+
+def nearest_scales(boxes: torch.Tensor, query: QueryEncoding) -> torch.Tensor:
+    """``(N,)`` index of the query scale nearest (in log) to each ``(N, 4)`` box's size over the query's,
+    the scale whose peak such a box would have come from."""
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp_min(1e-6)
+    scale = (area / (query.patch_size[0] * query.patch_size[1])).sqrt()
+    log_scales = torch.tensor([math.log(s) for s in query.scales], device=boxes.device, dtype=boxes.dtype)
+    return (scale.log().unsqueeze(1) - log_scales).abs().argmin(dim=1)
 
 
 # --------------------------------------------------------------------------- the loss of one batch
@@ -294,7 +302,8 @@ def batch_losses(model: RetrievalModel, split: D.TapSplit, batch: list[D.Triple]
         if cfg.lambda_box and (cfg.box_synthetic or not D.is_synthetic(pos)):
             jittered = jitter_boxes(gt, torch.tensor([q.patch_size[0] / q.patch_size[1]]), cfg.box_samples,
                                     cfg.box_scale_std, cfg.box_shift_std, cfg.box_aspect_std)[0]
-            predicted = refiner_deltas(model.box_refiner, q.box_grid, maps[pos.key]["p3"].unsqueeze(0), jittered,
+            predicted = refiner_deltas(model.box_refiner, q.box_grids[nearest_scales(jittered, q)],
+                                       maps[pos.key]["p3"].unsqueeze(0), jittered,
                                        torch.zeros(len(jittered), dtype=torch.long, device=gt.device),
                                        FINE_STRIDE, rcfg.refine_context)
             box.append(box_regression_loss(predicted, box_deltas(jittered, gt.expand_as(jittered)), cfg.box_beta))

@@ -312,6 +312,16 @@ def test_curves_plot_terms_missing_from_some_steps(tmp_path):
     assert (tmp_path / "log.csv").read_text().splitlines()[0] == "step,nce,total,box"
 
 
+def test_box_term_compares_each_box_with_the_query_at_its_scale():
+    from retrieval.matching import QueryEncoding
+
+    query = QueryEncoding((20, 20), [0.5, 1.0, 2.0], [(10, 10), (20, 20), (40, 40)], [], torch.zeros(4),
+                          torch.zeros(3, 4, 2, 2))
+    boxes = torch.tensor([[0.0, 0.0, s, s] for s in (10.0, 14.0, 21.0, 30.0, 40.0, 90.0)])
+    # side 14 is x0.7: log-nearer 0.5 (|log 1.4| = .336) than 1 (.357); 30 is x1.5: nearer 2 (.288) than 1 (.405)
+    assert T.nearest_scales(boxes, query).tolist() == [0, 0, 1, 2, 2, 2]
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = T.TrainConfig(steps=100, warmup=10)
     assert T.lr_factor(0, cfg) == pytest.approx(0.1) and T.lr_factor(9, cfg) == pytest.approx(1.0)
