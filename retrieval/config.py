@@ -54,8 +54,8 @@ class RetrievalConfig:
     box_weight_peak: float = 0.8
     # learned box refinement (retrieval.box_refinement): passes of the refiner over each image's best box
     # (0 = the peak box, the query's size at the best scale). Held-out tracking sequences, fine stage over
-    # every image, heads trained with 2 passes (benchmarks/box_refinement.py): CorLoc@0.5 .519 with 0
-    # passes, .613 with 1, .609 with 2, .603 with 3; one pass costs about 7 % of the fine stage
+    # every image, shipped heads (benchmarks/box_refinement.py): CorLoc@0.5 .521 with 0 passes, .629 with
+    # 1, .625 with 2, .637 with 3 (within noise of each other); one pass costs 1-3 % of the fine stage
     refine_steps: int = 1
     refine_top: int = 1            # boxes refined per image, best first (the others stay peak boxes)
     refine_grid: int = 4           # the query box is sampled on g x g cells, its gallery surroundings on 2g x 2g
