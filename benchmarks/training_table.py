@@ -97,9 +97,12 @@ sequences are too few for the correlation features to generalise, and the pass-t
 initialisation (pretrained features) is hard to beat. Training only the descriptor MLP and GeM p
 (with α and γ) leaves the fine stage where it was and raises the coarse stage's mAP, which
 decides which images the fine stage sees. Adding the box refiner (`retrieval/box_refinement.py`,
-trained by the box term) is what moves CorLoc: .509 → .613 at the kept step (.583–.613 from step 100
-on), where heads-only training had given +.012. It changes only the boxes, so mAP and the coarse
-stage follow the descriptor head as before. That run is the shipped checkpoint (`assets/MODEL_CARD.md`).
+trained by the box term) is what moves CorLoc: with one query grid at the reference scale
+(`heads_refgrid`) .509 → .583–.613 from step 100 on; twice the jittered boxes and twice the weight
+(`e_box64`, stopped at step 200) gave the same; one grid per query scale, each box compared with the
+query at its own scale (`heads`), .605–.629, where heads-only training had given +.012. The refiner
+changes only the boxes, so mAP and the coarse stage follow the descriptor head as before. The last
+run is the shipped checkpoint (`assets/MODEL_CARD.md`).
 """
     out.write_text(text)
     print(f"wrote {out}")
