@@ -1,9 +1,11 @@
 """Learned box refinement: from a peak box of the query's size to the object's extent.
 
-A peak box has the query's size times the best query scale, so its error is mostly one
-of scale (seen on held-out tracking pairs: the log errors of width and height correlate
-at .85, std .28). The refiner looks at how the query's parts lie inside the box's
-surroundings and predicts the shift and the size change:
+A peak box has the query's size times the best query scale, centred on a correlation peak,
+so it is off in position and in size (on held-out tracking pairs the log errors of width and
+height correlate at .85, std .28). The refiner looks at how the query's parts lie inside
+the box's surroundings and predicts the shift and the size change. Measured, it mostly
+re-centres (held-out CorLoc@0.5 of the fine stage .52 → .63) and leaves the scale error
+about where it was (``benchmarks/box_refinement.py``):
 
 query box cells φ(P3) at the box's scale ─► (C, G, G) grid ──┐
 gallery ψ(P3) around the box (×2 side) ─► (C, 2G, 2G) grid ─► local correlation (G², 2G, 2G)
