@@ -24,7 +24,7 @@ import torch
 from common import ROOT, SHARED_DATA, environment, p50_p95, table, timed, write_json
 from retrieval import data as D
 from retrieval import train as T
-from retrieval.checkpoint import file_hash, load_model, read_checkpoint, resolve_checkpoint
+from retrieval.checkpoint import load_model, read_checkpoint, resolve_checkpoint
 from retrieval.evaluation.benchmark import score_run
 from retrieval.evaluation.metrics import box_iou, is_localized
 from retrieval.matching import match_query, stack_maps

@@ -21,8 +21,8 @@ usable query scales (``matching.encode_query_in_context``), the images as galler
 * scale consistency: KL(per level ‖ fused) on the positive at its chosen query scale,
   the fused map detached (a teacher), levels too small for the template left out.
 * box (beyond the seed): smooth-L1 of the box refiner's deltas on boxes jittered around
-  the positive's gt box the way peak boxes miss it (mostly in scale), so that the fine
-  stage's boxes take the object's extent rather than the query's size.
+  the positive's gt box the way peak boxes miss it (in position and size), so that the
+  fine stage's boxes take the object's place and extent rather than the query's size.
 
 Validation ranks the held-out sequences' gallery (``manifest.json`` restricted to them)
 by the fine score of every query against every image and scores the dump with the
@@ -667,13 +667,13 @@ def write_model_card(path: Path, meta: dict[str, Any]) -> None:
     curve = [r for r in meta.get("validation_curve", []) if r["step"] > 0]
     spread = ""
     if curve:
-        last, second_half = curve[-1], [r for r in curve if r["step"] >= meta["steps"] / 3]
+        last, later = curve[-1], [r for r in curve if r["step"] >= meta["steps"] / 3]   # past the early steps
         spread = (f" The last step ({last['step']}) gives mAP {last['mAP']:.3f} and CorLoc@0.5 "
                   f"{last['CorLoc@0.5']:.3f} ({(last['mAP'] / before['mAP'] - 1.0) * 100.0:+.1f} %, "
-                  f"{last['CorLoc@0.5'] - before['CorLoc@0.5']:+.3f}); from step {second_half[0]['step']} on, CorLoc@0.5 "
-                  f"stays within {min(r['CorLoc@0.5'] for r in second_half):.3f}–"
-                  f"{max(r['CorLoc@0.5'] for r in second_half):.3f} and mAP within "
-                  f"{min(r['mAP'] for r in second_half):.3f}–{max(r['mAP'] for r in second_half):.3f}.")
+                  f"{last['CorLoc@0.5'] - before['CorLoc@0.5']:+.3f}); from step {later[0]['step']} on, CorLoc@0.5 "
+                  f"stays within {min(r['CorLoc@0.5'] for r in later):.3f}–"
+                  f"{max(r['CorLoc@0.5'] for r in later):.3f} and mAP within "
+                  f"{min(r['mAP'] for r in later):.3f}–{max(r['mAP'] for r in later):.3f}.")
     cfg = meta["train_config"]
     text = f"""# Model card: trained retrieval heads (`assets/checkpoint.pt`)
 
